@@ -1,0 +1,11 @@
+"""hvd_largebatch: large-batch data-parallel training on Horovod for Keras 3 and PyTorch.
+
+This top-level package is framework-free (standard library and NumPy only):
+``schedules`` (LR scaling, Goyal warmup, decays), ``config`` (validated
+hyperparameters and exclusion rules), ``reference`` (the float64 oracle of
+every update rule) and ``cli`` (the ``hvd-largebatch`` command). The framework
+implementations live in ``hvd_largebatch.torch_impl`` and ``hvd_largebatch.tf``
+and are imported only on request.
+"""
+
+__version__ = "0.1.0"
