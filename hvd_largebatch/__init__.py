@@ -8,4 +8,8 @@ implementations live in ``hvd_largebatch.torch_impl`` and ``hvd_largebatch.tf``
 and are imported only on request.
 """
 
+from hvd_largebatch import config, reference, schedules
+
+__all__ = ["config", "reference", "schedules", "__version__"]
+
 __version__ = "0.1.0"
