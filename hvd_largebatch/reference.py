@@ -134,6 +134,11 @@ class ReferenceOptimizer:
     """
 
     def __init__(self, cfg: Any, decay: Sequence[bool], adapt: Sequence[bool]):
+        if not isinstance(cfg, (_config.SGDConfig, _config.LARSConfig, _config.LAMBConfig)):
+            raise ValueError(
+                f"cfg must be an optimizer record from config.optimizer_config "
+                f"({', '.join(_config.OPTIMIZER_NAMES)}), got {cfg!r}"
+            )
         if len(decay) != len(adapt):
             raise ValueError(f"decay and adapt must have one entry per tensor, got {len(decay)} and {len(adapt)}")
         self.cfg = cfg
@@ -176,6 +181,7 @@ class ReferenceOptimizer:
                 norms ``s``; required for CLARS, refused otherwise.
         """
         cfg = self.cfg
+        lr = _config.check_non_negative("lr", lr)
         params = [np.asarray(p, dtype=np.float64) for p in params]
         grads = [np.asarray(g, dtype=np.float64) for g in grads]
         if len(params) != len(self.decay) or len(grads) != len(params):

@@ -586,6 +586,7 @@ def make_schedule(
         (0.1, 0.8, 0.4, 0.0)
     """
     base_lr = check_non_negative("base_lr", base_lr)
+    check_choice("scaling", scaling, SCALING_RULES)
     if peak is not None:
         if base_batch is not None or global_batch is not None:
             raise ValueError("peak excludes base_batch/global_batch: pass either an explicit peak or the two batches")
@@ -596,7 +597,6 @@ def make_schedule(
             raise ValueError(f"{missing} is required when the other batch size is given (LR scaling needs both)")
         peak = scale_lr(base_lr, base_batch, global_batch, scaling)
     else:
-        check_choice("scaling", scaling, SCALING_RULES)
         peak = base_lr
     check_choice("warmup", warmup, WARMUP_KINDS)
     if world_size is not None:
