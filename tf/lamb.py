@@ -1,0 +1,140 @@
+"""Keras 3 LAMB (You et al. 2019) with coupled weight decay and the package's per-tensor switches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+from hvd_largebatch import config
+from hvd_largebatch.tf import update_rules
+from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
+
+__all__ = ["LAMB"]
+
+_LAMB = config.LAMBConfig()
+
+
+@keras.saving.register_keras_serializable(package="hvd_largebatch")
+class LAMB(LargeBatchOptimizer):
+    """LAMB: Adam's direction with a layer-wise trust ratio (You et al., ICLR 2020).
+
+    Math (ALGORITHMS.md, LAMB), per tensor, ``t`` counting applied steps from 1::
+
+        mu = b1 * mu + (1 - b1) * g ;   nu = b2 * nu + (1 - b2) * g * g
+        mh = mu / (1 - b1^t) ;          nh = nu / (1 - b2^t)
+        u  = mh / (sqrt(nh) + eps) + beta * w           (beta term if decay applies)
+        r  = ||w|| / ||u||  if adapted and both > 0, else 1
+        w  = w - gamma_t * r * u
+
+    Note:
+        Differs from ``keras.optimizers.Lamb`` in three ways: weight decay is
+        part of the update direction (as in the paper) instead of absent or
+        decoupled; biases and normalisation parameters are excluded from
+        decay and adaptation by default; a step with non-finite gradients is
+        skipped (``t`` counts applied steps only, ``iterations`` counts all).
+        The bias corrections are folded into two scalars (see
+        :func:`hvd_largebatch.tf.update_rules.lamb_bias_corrections`), which
+        changes nothing but rounding.
+
+    Args:
+        learning_rate: ``gamma``: a number, a ``LearningRateSchedule`` or a callable.
+        beta_1: ``b1`` in [0, 1).
+        beta_2: ``b2`` in [0, 1).
+        epsilon: ``eps`` >= 0.
+        weight_decay: coupled ``beta`` >= 0.
+        exclude_from_weight_decay, exclude_from_layer_adaptation: None (default
+            rule: ``ndim <= 1`` or a path matching bias/bn/batchnorm/norm), False,
+            regex(es) on ``variable.path``, or a callable ``(path, shape) -> bool``.
+        nonfinite: ``"skip"`` (default) or ``"raise"``.
+        name: optimizer name.
+        **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...).
+
+    Example:
+        >>> import keras
+        >>> from hvd_largebatch.tf import LAMB
+        >>> opt = LAMB(learning_rate=0.01, weight_decay=0.0)
+        >>> w = keras.Variable([[3.0, 4.0]], name="kernel")
+        >>> opt.apply([keras.ops.ones((1, 2))], [w])  # u = (1, 1); r = 5 / sqrt(2)
+        >>> [round(float(x), 4) for x in w.numpy()[0]]
+        [2.9646, 3.9646]
+    """
+
+    core_name = "lamb"
+
+    def __init__(
+        self,
+        learning_rate: Any = _LAMB.lr,
+        beta_1: float = _LAMB.beta1,
+        beta_2: float = _LAMB.beta2,
+        epsilon: float = _LAMB.eps,
+        weight_decay: float = _LAMB.weight_decay,
+        exclude_from_weight_decay: config.ExclusionSpec = None,
+        exclude_from_layer_adaptation: config.ExclusionSpec = None,
+        nonfinite: str = _LAMB.nonfinite,
+        name: str = "lamb",
+        **kwargs: Any,
+    ):
+        super().__init__(
+            learning_rate,
+            dict(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay),
+            exclude_from_weight_decay=exclude_from_weight_decay,
+            exclude_from_layer_adaptation=exclude_from_layer_adaptation,
+            nonfinite=nonfinite,
+            name=name,
+            **kwargs,
+        )
+        cfg = self.core_config
+        self.beta_1 = cfg.beta1
+        self.beta_2 = cfg.beta2
+        self.epsilon = cfg.eps
+
+    def _build_slots(self, variables: Sequence[Any]) -> None:
+        self.first_moments, self.second_moments = self.add_optimizer_variables(
+            variables, ["first_moment", "second_moment"]
+        )
+
+    def _batched_update(self, grads, variables, indices, lr) -> None:
+        cfg = self.core_config
+        sd = self._scalar_dtype
+        finite = self._all_finite(self._stack_scalars([ops.sum(g) for g in grads]))
+        # t counts applied updates: apply() calls so far, minus the skipped ones, plus this one.
+        step = ops.cast(self.iterations - self.skipped_steps + 1, sd)
+        scale, scaled_eps = update_rules.lamb_bias_corrections(
+            step, ops.cast(cfg.beta1, sd), ops.cast(cfg.beta2, sd), ops.cast(cfg.eps, sd)
+        )
+        decay_over_scale = ops.cast(cfg.weight_decay, sd) / scale
+
+        def apply_all():
+            directions, w_sq, u_sq = [], [], []
+            zero = ops.zeros((), dtype=sd)
+            for g, w, i in zip(grads, variables, indices):
+                dtype = w.dtype
+                mu, nu = self.first_moments[i], self.second_moments[i]
+                self.assign_add(mu, (g - mu) * ops.cast(1.0 - cfg.beta1, dtype))
+                self.assign_add(nu, (ops.square(g) - nu) * ops.cast(1.0 - cfg.beta2, dtype))
+                direction = update_rules.lamb_direction(
+                    mu,
+                    nu,
+                    w,
+                    ops.cast(scaled_eps, dtype),
+                    ops.cast(decay_over_scale, dtype) if self._decay[i] else None,
+                )
+                directions.append(direction)
+                w_sq.append(ops.vdot(w, w) if self._adapt[i] else zero)
+                u_sq.append(ops.vdot(direction, direction) if self._adapt[i] else zero)
+            # ||u|| = scale * ||direction||; tensors not adapted get ratio 1.
+            ratios = update_rules.trust_ratio(
+                ops.sqrt(self._stack_scalars(w_sq)), scale * ops.sqrt(self._stack_scalars(u_sq))
+            )
+            step_sizes = ops.unstack(lr * ratios * scale)
+            for w, direction, step_size in zip(variables, directions, step_sizes):
+                self.assign_sub(w, ops.cast(step_size, w.dtype) * direction)
+
+        self._guarded(finite, apply_all, lr)
+
+    def _keras_hyperparameters(self) -> dict[str, Any]:
+        cfg = self.core_config
+        return {"beta_1": cfg.beta1, "beta_2": cfg.beta2, "epsilon": cfg.eps}
