@@ -1,0 +1,134 @@
+"""LAMB: Adam directions scaled per layer by the trust ratio ``||w|| / ||u||``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from hvd_largebatch import config
+from hvd_largebatch.torch_impl.lamb_functional import lamb_update
+from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, DECAY_MASK, GroupWork, LargeBatchOptimizer
+
+__all__ = ["LAMB"]
+
+_D = config.LAMBConfig  # defaults come from the core record
+
+
+def _check_betas(betas: Any) -> tuple[Any, Any]:
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
+    return betas[0], betas[1]
+
+
+class LAMB(LargeBatchOptimizer):
+    r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes").
+
+    Per tensor, ``t`` counting this tensor's updates from 1 (ALGORITHMS.md, "LAMB"):
+
+    .. code-block:: text
+
+        mu = b1 * mu + (1 - b1) * g ;   nu = b2 * nu + (1 - b2) * g^2
+        u  = (mu / (1 - b1^t)) / (sqrt(nu / (1 - b2^t)) + eps) + beta * w     (beta term if decay)
+        r  = ||w|| / ||u||    if adapt and ||w|| > 0 and ||u|| > 0, else 1
+        w  = w - gamma_t * r * u
+
+    Note where we differ from the paper: ``phi`` is the identity, bias
+    correction is always on, and there is no momentum correction (the LR is
+    not inside any state). Tensors excluded from adaptation (by default
+    biases and normalisation parameters) take the plain AdamW-like direction
+    ``u`` with ratio 1; by default they also get no weight decay.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param-group dicts.
+        lr: global learning rate (>= 0).
+        betas: ``(b1, b2)``, each in [0, 1).
+        eps: added to the square root (>= 0).
+        weight_decay: ``beta`` (>= 0), decoupled from the moments but inside ``u``.
+        exclude_from_weight_decay, exclude_from_layer_adaptation: as :class:`LARS`.
+        foreach: use the ``torch._foreach_*`` path (None: yes).
+        nonfinite: ``"skip"`` (default) or ``"raise"`` on a NaN/Inf gradient.
+
+    Raises:
+        ValueError: naming the argument, for any value out of range.
+
+    Example:
+        >>> import torch
+        >>> from hvd_largebatch.torch_impl import LAMB
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = LAMB(model.named_parameters(), lr=1e-3)
+        >>> model(torch.ones(3, 4)).sum().backward()
+        >>> opt.step()
+        >>> sorted(opt.state[model.weight])
+        ['exp_avg', 'exp_avg_sq', 'step']
+    """
+
+    config_type = config.LAMBConfig
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = _D.lr,
+        betas: tuple[float, float] = (_D.beta1, _D.beta2),
+        eps: float = _D.eps,
+        weight_decay: float = _D.weight_decay,
+        exclude_from_weight_decay: config.ExclusionSpec = None,
+        exclude_from_layer_adaptation: config.ExclusionSpec = None,
+        foreach: bool | None = None,
+        nonfinite: str = _D.nonfinite,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nonfinite=nonfinite, foreach=foreach)
+        super().__init__(params, defaults, exclude_from_weight_decay, exclude_from_layer_adaptation)
+
+    def _record_kwargs(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs = super()._record_kwargs(group)
+        if "betas" in group:
+            kwargs["beta1"], kwargs["beta2"] = _check_betas(group["betas"])
+        return kwargs
+
+    def _record_from_group(self, group: Mapping[str, Any]) -> Any:
+        try:
+            return super()._record_from_group(group)
+        except ValueError as error:
+            message = str(error)
+            for index, core in enumerate(("beta1", "beta2")):
+                if message.startswith(core):  # name the argument the user wrote
+                    raise ValueError(f"betas[{index}] ({message})") from None
+            raise
+
+    def _write_record(self, group: dict[str, Any], record: Any) -> None:
+        for key in ("lr", "eps", "weight_decay", "nonfinite"):
+            group[key] = getattr(record, key)
+        group["betas"] = (record.beta1, record.beta2)
+
+    def _apply_group(self, group: dict[str, Any], work: GroupWork, ratios_out: list | None) -> None:
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in work.params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(int(state["step"]) + 1)
+        beta1, beta2 = group["betas"]
+        lamb_update(
+            work.params,
+            work.grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decay=[group[DECAY_MASK][i] for i in work.positions],
+            adapt=[group[ADAPT_MASK][i] for i in work.positions],
+            foreach=self._foreach(group),
+            trust_ratios_out=ratios_out,
+        )
+        for p, step in zip(work.params, steps):
+            self.state[p]["step"] = step

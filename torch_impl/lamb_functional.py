@@ -1,0 +1,145 @@
+"""The math of LAMB over lists of tensors (no bookkeeping).
+
+LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training
+BERT in 76 minutes", Algorithm 2) as ALGORITHMS.md states it, per tensor,
+with ``t`` the tensor's update count starting at 1:
+
+.. code-block:: text
+
+    mu = b1 * mu + (1 - b1) * g          nu = b2 * nu + (1 - b2) * g * g
+    mh = mu / (1 - b1^t)                 nh = nu / (1 - b2^t)
+    u  = mh / (sqrt(nh) + eps) + beta * w        (beta term if decay)
+    r  = ||w|| / ||u||   if adapt and ||w|| > 0 and ||u|| > 0, else 1
+    w  = w - gamma * r * u
+
+Note where we differ: the paper's scaling function ``phi(||w||)`` is the
+identity here (as in most implementations), bias correction is on (the paper
+leaves it optional), and ``eps`` sits outside the square root as in Adam.
+
+:func:`lamb_update` has a single-tensor path and a ``torch._foreach_*`` path
+(trust ratios of a chunk in one ``torch.where``, no ``.item()``); tests show
+them equal in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype
+
+__all__ = ["lamb_trust_ratios", "lamb_update"]
+
+
+def lamb_trust_ratios(w_norms: torch.Tensor, u_norms: torch.Tensor, *, adapt: torch.Tensor) -> torch.Tensor:
+    """``r_i = ||w_i|| / ||u_i||`` where adapted and both norms are > 0, else exactly 1."""
+    ratio = w_norms / u_norms
+    use = adapt & (w_norms > 0) & (u_norms > 0)
+    return torch.where(use, ratio, torch.ones_like(ratio))
+
+
+def lamb_update(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: Sequence[bool],
+    adapt: Sequence[bool],
+    foreach: bool = True,
+    trust_ratios_out: list[torch.Tensor] | None = None,
+) -> None:
+    """Applies one LAMB update in place to ``params``, ``exp_avgs`` (``mu``) and ``exp_avg_sqs`` (``nu``).
+
+    Args:
+        params: the tensors ``w``.
+        grads: their gradients ``g`` (read only).
+        exp_avgs: first moments ``mu``.
+        exp_avg_sqs: second moments ``nu``.
+        steps: per tensor, the update count ``t`` of *this* update (>= 1).
+        lr: ``gamma``.
+        beta1, beta2: moment decay rates.
+        eps: added to ``sqrt(nh)``.
+        weight_decay: ``beta``.
+        decay: per tensor, whether weight decay applies.
+        adapt: per tensor, whether the trust ratio applies.
+        foreach: use the ``torch._foreach_*`` path.
+        trust_ratios_out: None, or a list with one slot per tensor that
+            receives each tensor's ``r`` as a 0-d tensor.
+    """
+    count = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(decay) == len(adapt) == count):
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs, steps, decay and adapt must have the same length")
+    if trust_ratios_out is not None and len(trust_ratios_out) != count:
+        raise ValueError("trust_ratios_out must have one slot per tensor")
+    if count == 0:
+        return
+    corrections1 = [1.0 - beta1**t for t in steps]
+    corrections2 = [1.0 - beta2**t for t in steps]
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if not foreach:
+        _single_tensor(params, grads, exp_avgs, exp_avg_sqs, corrections1, corrections2, decay, adapt,
+                       trust_ratios_out, **kwargs)
+        return
+    for bucket in group_by_device_and_dtype(params):
+        pick = lambda seq: [seq[i] for i in bucket]  # noqa: E731 - local selector
+        _multi_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(corrections1),
+                      pick(corrections2), pick(decay), pick(adapt), trust_ratios_out, bucket, **kwargs)
+
+
+def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, corrections1, corrections2, decay, adapt,
+                   trust_ratios_out, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    for i, (w, g, mu, nu) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        mu.lerp_(g, 1 - beta1)
+        nu.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        u = mu.div(corrections1[i])
+        u.div_(nu.div(corrections2[i]).sqrt_().add_(eps))
+        if decay[i] and weight_decay != 0:
+            u.add_(w, alpha=weight_decay)
+        ratio = lamb_trust_ratios(
+            torch.linalg.vector_norm(w).reshape(1),
+            torch.linalg.vector_norm(u).reshape(1),
+            adapt=torch.tensor([bool(adapt[i])], device=w.device),
+        )
+        w.addcmul_(u, ratio[0] * -lr)
+        if trust_ratios_out is not None:
+            trust_ratios_out[i] = ratio[0]
+
+
+def _uniform_or_list(values: list[float]) -> float | list[float]:
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, corrections1, corrections2, decay, adapt,
+                  trust_ratios_out, positions, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    device = params[0].device
+    adapt_all = torch.tensor(list(adapt), dtype=torch.bool, device=device)
+    for chunk in cache_sized_chunks(params):
+        w, g, mu, nu = list(params[chunk]), list(grads[chunk]), list(exp_avgs[chunk]), list(exp_avg_sqs[chunk])
+        torch._foreach_lerp_(mu, g, 1 - beta1)
+        torch._foreach_mul_(nu, beta2)
+        torch._foreach_addcmul_(nu, g, g, value=1 - beta2)
+        u = torch._foreach_div(mu, _uniform_or_list(corrections1[chunk]))
+        denominators = torch._foreach_div(nu, _uniform_or_list(corrections2[chunk]))
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_div_(u, denominators)
+        del denominators
+        if weight_decay != 0:
+            decayed = [i for i, applies in enumerate(decay[chunk]) if applies]
+            if decayed:
+                torch._foreach_add_([u[i] for i in decayed], [w[i] for i in decayed], alpha=weight_decay)
+        ratios = lamb_trust_ratios(
+            torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u)), adapt=adapt_all[chunk]
+        )
+        torch._foreach_addcmul_(w, u, list((ratios * -lr).unbind()))
+        if trust_ratios_out is not None:
+            for position, ratio in zip(positions[chunk], ratios.unbind()):
+                trust_ratios_out[position] = ratio

@@ -1,0 +1,254 @@
+"""The math of momentum SGD, LARS, LARC and CLARS over lists of tensors (no bookkeeping).
+
+Every update here has the learning rate inside the velocity (ALGORITHMS.md,
+"SGD with momentum" and "LARS"). For tensor ``i`` with local rate
+``lambda_i`` (1 for plain SGD and for tensors excluded from adaptation):
+
+.. code-block:: text
+
+    d_i = g_i + beta * w_i                       (if decay_i, else g_i)
+    lambda_i = eta * ||w_i|| / (n_i + beta_i * ||w_i|| + eps)
+                                                 if adapt_i and ||w_i|| > 0 and n_i > 0, else 1
+    rate_i = gamma * lambda_i                    (LARS)
+           = min(gamma, lambda_i) if adapt_i     (LARC, clip=True), gamma otherwise
+    v_i = m * c_i * v_i + rate_i * d_i           (c_i = gamma / gamma_prev: momentum correction)
+    w_i = w_i - v_i                              (Nesterov: w_i - (m * v_i + rate_i * d_i))
+
+where ``n_i`` is ``||g_i||`` for LARS and the mean per-example gradient norm
+``s_i`` for CLARS, and ``beta_i`` is ``beta`` when decay applies to tensor
+``i`` and 0 otherwise. References: You, Gitman, Ginsburg 2017 (LARS,
+Algorithm 1); NVIDIA apex ``LARC`` (clip mode); Huo, Gu, Huang 2021 (CLARS);
+Goyal et al. 2017, section 2.2 (momentum correction).
+
+:func:`momentum_update` has two paths that tests show equal in float64: a
+single-tensor loop and a ``torch._foreach_*`` path that computes the local
+rates of a whole chunk as one vectorised expression (``torch.where``),
+without ``.item()`` and without a Python loop over tensors in the math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype
+
+__all__ = ["lars_local_rates", "effective_rates", "momentum_update"]
+
+
+def lars_local_rates(
+    w_norms: torch.Tensor,
+    grad_norms: torch.Tensor,
+    *,
+    adapt: torch.Tensor,
+    decay: torch.Tensor,
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+) -> torch.Tensor:
+    """The LARS/CLARS local rate ``lambda`` of each tensor, vectorised.
+
+    Args:
+        w_norms: ``||w_i||``, 1-D.
+        grad_norms: ``||g_i||`` (LARS) or ``s_i`` (CLARS), 1-D, same length.
+        adapt: bool, whether the trust ratio applies to tensor ``i``.
+        decay: bool, whether weight decay applies (adds ``beta * ||w_i||``
+            to the denominator).
+        trust_coefficient: ``eta``.
+        weight_decay: ``beta``.
+        eps: added to the denominator.
+
+    Returns:
+        ``lambda_i``; exactly 1 where the tensor is not adapted or either
+        norm is 0, so zero-initialised tensors still train and no NaN or Inf
+        comes out for finite inputs.
+    """
+    beta = decay.to(w_norms.dtype) * weight_decay  # exact: 1 * beta or 0, in the norms' dtype
+    ratio = trust_coefficient * w_norms / (grad_norms + beta * w_norms + eps)
+    use = adapt & (w_norms > 0) & (grad_norms > 0)
+    return torch.where(use, ratio, torch.ones_like(ratio))
+
+
+def effective_rates(local: torch.Tensor, *, adapt: torch.Tensor, lr: float, clip: bool) -> torch.Tensor:
+    """``gamma * lambda_i`` (LARS) or ``min(gamma, lambda_i)`` for adapted tensors (LARC, ``clip=True``)."""
+    if clip:
+        return torch.where(adapt, torch.clamp(local, max=lr), torch.full_like(local, lr))
+    return local * lr
+
+
+def _decayed_gradients(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], decay: Sequence[bool], weight_decay: float
+) -> list[torch.Tensor]:
+    """``d_i = g_i + beta * w_i`` for decayed tensors (new tensors); ``g_i`` itself otherwise (never modified)."""
+    directions = list(grads)
+    if weight_decay == 0:
+        return directions
+    positions = [i for i, applies in enumerate(decay) if applies]
+    if not positions:
+        return directions
+    if len(positions) == len(directions):
+        return list(torch._foreach_add(directions, list(params), alpha=weight_decay))
+    decayed = torch._foreach_add([grads[i] for i in positions], [params[i] for i in positions], alpha=weight_decay)
+    for i, tensor in zip(positions, decayed):
+        directions[i] = tensor
+    return directions
+
+
+def momentum_update(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    velocities: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    decay: Sequence[bool],
+    velocity_corrections: Sequence[float],
+    nesterov: bool = False,
+    adapt: Sequence[bool] | None = None,
+    grad_norms: Sequence[torch.Tensor] | None = None,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+    clip: bool = False,
+    foreach: bool = True,
+    local_rates_out: list[torch.Tensor] | None = None,
+) -> None:
+    """Applies one SGD/LARS/LARC/CLARS update in place to ``params`` and ``velocities``.
+
+    Args:
+        params: the tensors ``w``, updated in place.
+        grads: their gradients ``g`` (read only).
+        velocities: the velocities ``v``, updated in place.
+        lr: the global rate ``gamma`` of this step.
+        momentum: ``m``.
+        weight_decay: ``beta``.
+        decay: per tensor, whether weight decay applies.
+        velocity_corrections: per tensor, the momentum-correction factor
+            ``c_i = gamma / gamma_prev`` (1.0 when the correction is off or
+            there is no previous rate).
+        nesterov: Nesterov momentum.
+        adapt: per tensor, whether the trust ratio applies; None for plain
+            momentum SGD (no norms are computed).
+        grad_norms: per tensor 0-d tensors ``n_i`` (``||g_i||`` for LARS,
+            ``s_i`` for CLARS), on the tensor's device. Computed from
+            ``grads`` when None.
+        trust_coefficient: ``eta``.
+        eps: denominator constant.
+        clip: LARC mode.
+        foreach: use the ``torch._foreach_*`` path.
+        local_rates_out: None, or a list with one slot per tensor that
+            receives each tensor's local rate ``lambda`` as a 0-d tensor (for
+            trust-ratio statistics; costs nothing when None).
+    """
+    if not params:
+        return
+    count = len(params)
+    if not (len(grads) == len(velocities) == len(decay) == len(velocity_corrections) == count):
+        raise ValueError("params, grads, velocities, decay and velocity_corrections must have the same length")
+    if adapt is not None and len(adapt) != count:
+        raise ValueError("adapt must have one entry per tensor")
+    if local_rates_out is not None and len(local_rates_out) != count:
+        raise ValueError("local_rates_out must have one slot per tensor")
+    if adapt is not None and grad_norms is None:
+        grad_norms = [torch.linalg.vector_norm(g) for g in grads] if not foreach else _foreach_norms(grads)
+    kwargs = dict(
+        lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+        trust_coefficient=trust_coefficient, eps=eps, clip=clip,
+    )
+    if not foreach:
+        _single_tensor(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms,
+                       local_rates_out, **kwargs)
+        return
+    for bucket in group_by_device_and_dtype(params):
+        pick = lambda seq: [seq[i] for i in bucket]  # noqa: E731 - local selector
+        _multi_tensor(
+            pick(params), pick(grads), pick(velocities), pick(decay), pick(velocity_corrections),
+            None if adapt is None else pick(adapt), None if grad_norms is None else pick(grad_norms),
+            local_rates_out, bucket, **kwargs,
+        )
+
+
+def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    norms: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for bucket in group_by_device_and_dtype(tensors):
+        for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket])):
+            norms[i] = norm
+    return norms
+
+
+def _single_tensor(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, *,
+                   lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+    for i, (w, g, v) in enumerate(zip(params, grads, velocities)):
+        d = g.add(w, alpha=weight_decay) if decay[i] and weight_decay != 0 else g
+        v.mul_(momentum * corrections[i])
+        if adapt is None:
+            v.add_(d, alpha=lr)
+            if nesterov:
+                w.add_(v, alpha=-momentum).add_(d, alpha=-lr)
+            else:
+                w.sub_(v)
+            continue
+        adapt_i = torch.tensor([adapt[i]], device=w.device)
+        local = lars_local_rates(
+            torch.linalg.vector_norm(w).reshape(1),
+            grad_norms[i].to(device=w.device, dtype=w.dtype).reshape(1),
+            adapt=adapt_i,
+            decay=torch.tensor([bool(decay[i])], device=w.device),
+            trust_coefficient=trust_coefficient,
+            weight_decay=weight_decay,
+            eps=eps,
+        )
+        rate = effective_rates(local, adapt=adapt_i, lr=lr, clip=clip)[0]
+        v.addcmul_(d, rate)
+        if nesterov:
+            w.add_(v, alpha=-momentum).addcmul_(d, rate, value=-1)
+        else:
+            w.sub_(v)
+        if local_rates_out is not None:
+            local_rates_out[i] = local[0]
+
+
+def _multi_tensor(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions, *,
+                  lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+    device = params[0].device
+    scales = [momentum * c for c in corrections]
+    if adapt is not None:
+        adapt_all = torch.tensor(list(adapt), dtype=torch.bool, device=device)
+        decay_all = torch.tensor(list(decay), dtype=torch.bool, device=device)
+        norms_all = torch.stack([n.to(device=device, dtype=params[0].dtype) for n in grad_norms])
+    for chunk in cache_sized_chunks(params):
+        w, g, v = list(params[chunk]), list(grads[chunk]), list(velocities[chunk])
+        d = _decayed_gradients(w, g, decay[chunk], weight_decay)
+        chunk_scales = scales[chunk]
+        if all(s == chunk_scales[0] for s in chunk_scales):
+            torch._foreach_mul_(v, chunk_scales[0])
+        else:
+            torch._foreach_mul_(v, chunk_scales)
+        if adapt is None:
+            torch._foreach_add_(v, d, alpha=lr)
+            if nesterov:
+                torch._foreach_add_(w, v, alpha=-momentum)
+                torch._foreach_add_(w, d, alpha=-lr)
+            else:
+                torch._foreach_sub_(w, v)
+            continue
+        local = lars_local_rates(
+            torch.stack(torch._foreach_norm(w)),
+            norms_all[chunk],
+            adapt=adapt_all[chunk],
+            decay=decay_all[chunk],
+            trust_coefficient=trust_coefficient,
+            weight_decay=weight_decay,
+            eps=eps,
+        )
+        rates = list(effective_rates(local, adapt=adapt_all[chunk], lr=lr, clip=clip).unbind())
+        torch._foreach_addcmul_(v, d, rates)
+        if nesterov:
+            torch._foreach_add_(w, v, alpha=-momentum)
+            torch._foreach_addcmul_(w, d, rates, value=-1)
+        else:
+            torch._foreach_sub_(w, v)
+        if local_rates_out is not None:
+            for position, rate in zip(positions[chunk], local.unbind()):
+                local_rates_out[position] = rate

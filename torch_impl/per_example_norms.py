@@ -1,0 +1,244 @@
+"""Per-example gradient norms for CLARS: the ``exact`` (torch.func) and ``microbatch:k`` estimators.
+
+CLARS (Huo, Gu, Huang, AAAI 2021) divides by ``s_l = (1/B) sum_i ||grad_l f_i(w)||``,
+the mean over the global batch of the per-example gradient norms of tensor
+``l``, instead of the norm of the averaged gradient. Each worker computes,
+for its local examples, the *sums* of those norms and the number of terms;
+the optimizer (or :func:`per_example_grad_norms`) averages them across
+workers with one small allreduce of a vector holding one sum per tensor plus
+the count.
+
+Estimators (ALGORITHMS.md, "CLARS"; this reading of the paper is ours):
+
+* ``"exact"``: true per-example gradients, ``torch.func.vmap`` over
+  ``torch.func.grad`` of the one-example loss, evaluated ``chunk_size``
+  examples at a time. Cost: about B single-example backward passes,
+  vectorised; peak extra memory about ``chunk_size`` x the size of the
+  adapted parameters (one gradient copy per example in the chunk), plus
+  activations of ``chunk_size`` examples. Measured by
+  ``benchmarks/torch_optimizers.py``.
+* ``"microbatch:k"``: the local batch cut into ``k`` micro-batches (sizes
+  differ by at most one) and ``s`` the mean of the micro-batch gradient
+  norms: ``k`` ordinary forward/backward passes of ``B/k`` examples. With
+  ``k`` equal to the batch size it is the exact estimator (tested).
+
+BatchNorm: a BatchNorm layer in training mode couples the examples of a batch
+through its statistics, so "the gradient of one example" is not defined by
+the model alone (and ``vmap`` cannot update running statistics in place).
+Both estimators therefore hold every training-mode BatchNorm layer at the
+mean and (biased) variance of the whole local batch, the values the training
+forward normalises with: a first no-grad forward pass over the batch (on
+copies of the buffers, so the running statistics are not updated twice)
+records them, and the per-example passes run those layers in evaluation mode
+with the recorded statistics in place of the running ones. The per-example
+gradient is then the gradient of example ``i``'s loss with the batch
+statistics treated as constants; the model's modes and buffers are restored
+afterwards. Dropout draws independent masks per example (``vmap`` with
+``randomness="different"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.func import functional_call
+
+from hvd_largebatch import config
+
+__all__ = ["per_example_grad_norm_sums", "per_example_grad_norms", "batch_norm_frozen_at_batch_statistics"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _parameter_names(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names = []
+    for index, p in enumerate(params):
+        if id(p) not in by_id:
+            raise ValueError(f"params[{index}] (shape {tuple(p.shape)}) is not a parameter of model")
+        names.append(by_id[id(p)])
+    return names
+
+
+@contextlib.contextmanager
+def batch_norm_frozen_at_batch_statistics(model: torch.nn.Module, inputs: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    """Records the batch statistics of every training-mode BatchNorm layer and runs them in eval mode.
+
+    Yields:
+        Buffer overrides for ``torch.func.functional_call``: each such layer's
+        ``running_mean``/``running_var`` replaced by the mean and biased
+        variance of its input over ``inputs``. Inside the block those layers
+        are in evaluation mode; on exit their modes are restored. The model's
+        own buffers are never written.
+    """
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
+    ]
+    if not layers:
+        yield {}
+        return
+    statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def recorder(name: str):
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            dims = [0, *range(2, x.dim())]
+            statistics[name] = (x.mean(dims), x.var(dims, unbiased=False))
+
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in layers]
+    try:
+        buffer_copies = {name: b.clone() for name, b in model.named_buffers()}
+        with torch.no_grad():
+            functional_call(model, buffer_copies, (inputs,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    overrides: dict[str, torch.Tensor] = {}
+    for name, _ in layers:
+        if name in statistics:
+            prefix = f"{name}." if name else ""
+            overrides[prefix + "running_mean"], overrides[prefix + "running_var"] = statistics[name]
+    try:
+        for _, module in layers:
+            module.training = False
+        yield overrides
+    finally:
+        for _, module in layers:
+            module.training = True
+
+
+def per_example_grad_norm_sums(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    estimator: str = "exact",
+    chunk_size: int = 32,
+) -> tuple[torch.Tensor, int]:
+    """This worker's per-tensor sums of per-example (or per-micro-batch) gradient norms.
+
+    Args:
+        model: the module; ``model(inputs)`` gives the outputs.
+        loss_fn: ``loss_fn(outputs, targets)``, the *mean* loss over the
+            examples given (e.g. ``torch.nn.functional.cross_entropy``).
+        inputs, targets: the local batch (examples on dimension 0).
+        params: parameters of ``model`` to measure (CLARS: the adapted ones).
+        estimator: ``"exact"`` or ``"microbatch:k"``.
+        chunk_size: ``exact`` only: examples whose gradients are held at once.
+
+    Returns:
+        ``(sums, count)``: float64 sums over this worker's examples (or
+        micro-batches) of ``||grad_l f_i||``, one per tensor of ``params``,
+        and the number of terms; ``sums / count`` is the local ``s``.
+
+    Raises:
+        ValueError: naming ``estimator``, ``chunk_size``, ``params``,
+            ``inputs`` or ``targets``.
+    """
+    kind, microbatches = config.parse_estimator(estimator)
+    chunk_size = config.check_positive_int("chunk_size", chunk_size)
+    params = list(params)
+    if not params:
+        raise ValueError("params must hold at least one parameter of model")
+    names = _parameter_names(model, params)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must be a tensor with a non-empty batch dimension, got {type(inputs).__name__}")
+    if not isinstance(targets, torch.Tensor) or targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+        raise ValueError("targets must be a tensor with the same batch size as inputs")
+    batch = inputs.shape[0]
+    if kind == "microbatch" and microbatches > batch:
+        raise ValueError(f"estimator {estimator!r} needs k <= the local batch size {batch}")
+    detached = {name: p.detach() for name, p in zip(names, params)}
+    with batch_norm_frozen_at_batch_statistics(model, inputs) as overrides, torch.enable_grad():
+        if kind == "exact":
+            per_example = _exact_norms(model, loss_fn, inputs, targets, detached, overrides, chunk_size)
+            return per_example.to(torch.float64).sum(0), batch
+        return _microbatch_norm_sums(model, loss_fn, inputs, targets, detached, overrides, microbatches), microbatches
+
+
+def _exact_norms(model, loss_fn, inputs, targets, params, overrides, chunk_size) -> torch.Tensor:
+    """``(B, L)`` per-example gradient norms via ``vmap(grad)``."""
+    names = list(params)
+
+    def one_example_norms(weights, x, y):
+        def loss_of(w):
+            outputs = functional_call(model, {**w, **overrides}, (x.unsqueeze(0),))
+            return loss_fn(outputs, y.unsqueeze(0))
+
+        grads = torch.func.grad(loss_of)(weights)
+        return torch.stack([torch.linalg.vector_norm(grads[name]) for name in names])
+
+    batched = torch.func.vmap(one_example_norms, in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size)
+    return batched(params, inputs, targets)
+
+
+def _microbatch_norm_sums(model, loss_fn, inputs, targets, params, overrides, microbatches) -> torch.Tensor:
+    names = list(params)
+    sums = torch.zeros(len(names), dtype=torch.float64, device=next(iter(params.values())).device)
+    for index in torch.tensor_split(torch.arange(inputs.shape[0], device=inputs.device), microbatches):
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        outputs = functional_call(model, {**leaves, **overrides}, (inputs[index],))
+        grads = torch.autograd.grad(loss_fn(outputs, targets[index]), list(leaves.values()), allow_unused=True)
+        norms = [
+            torch.linalg.vector_norm(g).to(torch.float64) if g is not None else sums.new_zeros(())
+            for g in grads
+        ]
+        sums += torch.stack(norms).to(sums.device)
+    return sums
+
+
+def per_example_grad_norms(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    params: Sequence[torch.Tensor] | None = None,
+    *,
+    estimator: str = "exact",
+    chunk_size: int = 32,
+    average_across_workers: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The CLARS ``s`` of each parameter: mean per-example gradient norm over the (global) batch.
+
+    Args:
+        model, loss_fn, inputs, targets, estimator, chunk_size: as
+            :func:`per_example_grad_norm_sums`.
+        params: the parameters to measure; default all of ``model``'s
+            parameters that require a gradient.
+        average_across_workers: when Horovod is initialised with more than
+            one process, average over all workers' examples with one
+            allreduce (every rank must call this function).
+
+    Returns:
+        ``{name: s}`` with 0-d float64 tensors, ready for ``CLARS.set_grad_norms``.
+
+    Example:
+        >>> import torch
+        >>> from hvd_largebatch.torch_impl import per_example_grad_norms
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> s = per_example_grad_norms(model, torch.nn.functional.cross_entropy, x, y)
+        >>> sorted(s)
+        ['bias', 'weight']
+    """
+    from hvd_largebatch.torch_impl.distributed import allreduce_sum_across_workers
+
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    names = _parameter_names(model, params)
+    sums, count = per_example_grad_norm_sums(
+        model, loss_fn, inputs, targets, params, estimator=estimator, chunk_size=chunk_size
+    )
+    totals = torch.cat([sums, sums.new_tensor([float(count)])])
+    if average_across_workers:
+        totals = allreduce_sum_across_workers(totals, name="hvd_largebatch.per_example_grad_norms")
+    means = totals[:-1] / totals[-1]
+    return dict(zip(names, means.unbind()))
