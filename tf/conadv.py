@@ -220,15 +220,16 @@ class ConAdv(keras.Model):
         x0 = tf.convert_to_tensor(x)
         if not x0.dtype.is_floating:
             raise ValueError(f"ConAdv needs floating-point inputs, got dtype {x0.dtype.name}")
-        eps = tf.cast(cfg.epsilon, x0.dtype)
-        direction = tf.cast(-cfg.step_size if cfg.targeted else cfg.step_size, x0.dtype)
+        # tf.constant, not tf.cast: casting a Python float goes through float32 first.
+        eps = tf.constant(cfg.epsilon, x0.dtype)
+        direction = tf.constant(-cfg.step_size if cfg.targeted else cfg.step_size, x0.dtype)
         seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
 
         def clip(candidate):
             candidate = tf.clip_by_value(candidate, x0 - eps, x0 + eps)
             if cfg.input_range is not None:
                 candidate = tf.clip_by_value(
-                    candidate, tf.cast(cfg.input_range[0], x0.dtype), tf.cast(cfg.input_range[1], x0.dtype)
+                    candidate, tf.constant(cfg.input_range[0], x0.dtype), tf.constant(cfg.input_range[1], x0.dtype)
                 )
             return candidate
 
