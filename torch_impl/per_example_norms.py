@@ -157,11 +157,16 @@ def per_example_grad_norm_sums(
     if kind == "microbatch" and microbatches > batch:
         raise ValueError(f"estimator {estimator!r} needs k <= the local batch size {batch}")
     detached = {name: p.detach() for name, p in zip(names, params)}
-    with batch_norm_frozen_at_batch_statistics(model, inputs) as overrides, torch.enable_grad():
+    selected = set(names)
+    # the other parameters enter as constants, so no graph reaches the model's own tensors
+    constants = {name: p.detach() for name, p in model.named_parameters() if name not in selected}
+    with batch_norm_frozen_at_batch_statistics(model, inputs) as frozen, torch.enable_grad():
+        overrides = {**constants, **frozen}
         if kind == "exact":
             per_example = _exact_norms(model, loss_fn, inputs, targets, detached, overrides, chunk_size)
-            return per_example.to(torch.float64).sum(0), batch
-        return _microbatch_norm_sums(model, loss_fn, inputs, targets, detached, overrides, microbatches), microbatches
+            return per_example.detach().to(torch.float64).sum(0), batch
+        sums = _microbatch_norm_sums(model, loss_fn, inputs, targets, detached, overrides, microbatches)
+        return sums.detach(), microbatches
 
 
 def _exact_norms(model, loss_fn, inputs, targets, params, overrides, chunk_size) -> torch.Tensor:
