@@ -13,7 +13,7 @@ it, as the official code), ``s = -1`` and ``y' = y_t`` otherwise; ``delta0``
 uniform in ``[-epsilon, epsilon]`` for each example with probability
 ``random_start_prob``, else 0. "CE" is the loss given to ``compile``.
 
-Usage, with any optimizer (the package's ``DistributedOptimizer`` under
+Usage, with any optimizer but CLARS (the package's ``DistributedOptimizer`` under
 ``horovodrun``: the adversarial term is part of the gradient it averages)::
 
     model = ConAdv(base_model, epsilon=0.1, step_size=0.1, staleness=1, dual_bn=True, input_range=None)
@@ -67,7 +67,9 @@ import keras
 import tensorflow as tf
 
 from hvd_largebatch.config import ConAdvConfig
+from hvd_largebatch.tf.distributed import innermost_optimizer
 from hvd_largebatch.tf.dual_bn import auxiliary_bn, convert_to_dual_bn, plain_bn_layers
+from hvd_largebatch.tf.momentum_optimizers import CLARS
 
 __all__ = ["ConAdv"]
 
@@ -177,6 +179,11 @@ class ConAdv(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self._compile_loss is None:
             raise ValueError("ConAdv needs a loss: compile the model with loss=...")
+        if isinstance(innermost_optimizer(self.optimizer), CLARS):
+            raise ValueError(
+                "ConAdv does not feed CLARS its per-example gradient norms in Keras (CLARSModel does, for "
+                "clean training): use LARS, LARC, LAMB or SGD with ConAdv, or CLARS from the PyTorch helper"
+            )
         cfg = self.conadv_config
         step = self._step.value
         live = self.base_model.trainable_variables
