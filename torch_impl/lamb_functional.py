@@ -23,6 +23,7 @@ them equal in float64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -81,34 +82,40 @@ def lamb_update(
         raise ValueError("trust_ratios_out must have one slot per tensor")
     if count == 0:
         return
-    corrections1 = [1.0 - beta1**t for t in steps]
-    corrections2 = [1.0 - beta2**t for t in steps]
-    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    # u = (mu / c1) / (sqrt(nu / c2) + eps) = k * u' with u' = mu / (sqrt(nu) + eps * sqrt(c2)) and
+    # k = sqrt(c2) / c1 (c1, c2 the bias corrections). The paths compute u' + (beta / k) * w, whose norm is
+    # ||u|| / k, and fold k into the trust ratio and the step: fewer passes over the tensors.
+    scales = [math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps]
+    eps_scaled = [eps * math.sqrt(1.0 - beta2**t) for t in steps]
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
     if not foreach:
-        _single_tensor(params, grads, exp_avgs, exp_avg_sqs, corrections1, corrections2, decay, adapt,
+        _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt,
                        trust_ratios_out, **kwargs)
         return
     for bucket in group_by_device_and_dtype(params):
         pick = lambda seq: [seq[i] for i in bucket]  # noqa: E731 - local selector
-        _multi_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(corrections1),
-                      pick(corrections2), pick(decay), pick(adapt), trust_ratios_out, bucket, **kwargs)
+        _multi_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales),
+                      pick(eps_scaled), pick(decay), pick(adapt), trust_ratios_out, bucket, **kwargs)
 
 
-def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, corrections1, corrections2, decay, adapt,
-                   trust_ratios_out, *, lr, beta1, beta2, eps, weight_decay) -> None:
+def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt,
+                   trust_ratios_out, *, lr, beta1, beta2, weight_decay) -> None:
+    # The same operations, in the same order, as _multi_tensor on one chunk of one tensor.
     for i, (w, g, mu, nu) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         mu.lerp_(g, 1 - beta1)
         nu.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        u = mu.div(corrections1[i])
-        u.div_(nu.div(corrections2[i]).sqrt_().add_(eps))
+        denominator = nu.sqrt().add_(eps_scaled[i])
+        u = mu.div(denominator)
+        del denominator
+        scale = torch.tensor([scales[i]], dtype=w.dtype, device=w.device)
         if decay[i] and weight_decay != 0:
-            u.add_(w, alpha=weight_decay)
+            u.addcmul_(w, (weight_decay / scale)[0])
         ratio = lamb_trust_ratios(
             torch.linalg.vector_norm(w).reshape(1),
-            torch.linalg.vector_norm(u).reshape(1),
+            torch.linalg.vector_norm(u).reshape(1) * scale,
             adapt=torch.tensor([bool(adapt[i])], device=w.device),
         )
-        w.addcmul_(u, ratio[0] * -lr)
+        w.addcmul_(u, (ratio * scale * -lr)[0])
         if trust_ratios_out is not None:
             trust_ratios_out[i] = ratio[0]
 
@@ -117,29 +124,29 @@ def _uniform_or_list(values: list[float]) -> float | list[float]:
     return values[0] if all(v == values[0] for v in values) else values
 
 
-def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, corrections1, corrections2, decay, adapt,
-                  trust_ratios_out, positions, *, lr, beta1, beta2, eps, weight_decay) -> None:
-    device = params[0].device
+def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt,
+                  trust_ratios_out, positions, *, lr, beta1, beta2, weight_decay) -> None:
+    device, dtype = params[0].device, params[0].dtype
     adapt_all = torch.tensor(list(adapt), dtype=torch.bool, device=device)
+    scale_all = torch.tensor(scales, dtype=dtype, device=device)
     for chunk in cache_sized_chunks(params):
         w, g, mu, nu = list(params[chunk]), list(grads[chunk]), list(exp_avgs[chunk]), list(exp_avg_sqs[chunk])
+        scale = scale_all[chunk]
         torch._foreach_lerp_(mu, g, 1 - beta1)
         torch._foreach_mul_(nu, beta2)
         torch._foreach_addcmul_(nu, g, g, value=1 - beta2)
-        u = torch._foreach_div(mu, _uniform_or_list(corrections1[chunk]))
-        denominators = torch._foreach_div(nu, _uniform_or_list(corrections2[chunk]))
-        torch._foreach_sqrt_(denominators)
-        torch._foreach_add_(denominators, eps)
-        torch._foreach_div_(u, denominators)
+        denominators = torch._foreach_sqrt(nu)
+        torch._foreach_add_(denominators, _uniform_or_list(eps_scaled[chunk]))
+        u = torch._foreach_div(mu, denominators)
         del denominators
-        if weight_decay != 0:
-            decayed = [i for i, applies in enumerate(decay[chunk]) if applies]
-            if decayed:
-                torch._foreach_add_([u[i] for i in decayed], [w[i] for i in decayed], alpha=weight_decay)
+        decayed = [i for i, applies in enumerate(decay[chunk]) if applies] if weight_decay != 0 else []
+        if decayed:
+            coefficients = (weight_decay / scale).unbind()
+            torch._foreach_addcmul_([u[i] for i in decayed], [w[i] for i in decayed], [coefficients[i] for i in decayed])
         ratios = lamb_trust_ratios(
-            torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u)), adapt=adapt_all[chunk]
+            torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u)) * scale, adapt=adapt_all[chunk]
         )
-        torch._foreach_addcmul_(w, u, list((ratios * -lr).unbind()))
+        torch._foreach_addcmul_(w, u, list((ratios * scale * -lr).unbind()))
         if trust_ratios_out is not None:
             for position, ratio in zip(positions[chunk], ratios.unbind()):
                 trust_ratios_out[position] = ratio

@@ -77,24 +77,6 @@ def effective_rates(local: torch.Tensor, *, adapt: torch.Tensor, lr: float, clip
     return local * lr
 
 
-def _decayed_gradients(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], decay: Sequence[bool], weight_decay: float
-) -> list[torch.Tensor]:
-    """``d_i = g_i + beta * w_i`` for decayed tensors (new tensors); ``g_i`` itself otherwise (never modified)."""
-    directions = list(grads)
-    if weight_decay == 0:
-        return directions
-    positions = [i for i, applies in enumerate(decay) if applies]
-    if not positions:
-        return directions
-    if len(positions) == len(directions):
-        return list(torch._foreach_add(directions, list(params), alpha=weight_decay))
-    decayed = torch._foreach_add([grads[i] for i in positions], [params[i] for i in positions], alpha=weight_decay)
-    for i, tensor in zip(positions, decayed):
-        directions[i] = tensor
-    return directions
-
-
 def momentum_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -179,13 +161,17 @@ def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def _single_tensor(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, *,
                    lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+    # The same operations, in the same order, as _multi_tensor on one chunk of one tensor.
     for i, (w, g, v) in enumerate(zip(params, grads, velocities)):
-        d = g.add(w, alpha=weight_decay) if decay[i] and weight_decay != 0 else g
-        v.mul_(momentum * corrections[i])
+        decays = bool(decay[i]) and weight_decay != 0
         if adapt is None:
-            v.add_(d, alpha=lr)
+            v.mul_(momentum * corrections[i]).add_(g, alpha=lr)
+            if decays:
+                v.add_(w, alpha=lr * weight_decay)
             if nesterov:
-                w.add_(v, alpha=-momentum).add_(d, alpha=-lr)
+                if decays:
+                    w.mul_(1 - lr * weight_decay)
+                w.add_(v, alpha=-momentum).add_(g, alpha=-lr)
             else:
                 w.sub_(v)
             continue
@@ -199,18 +185,28 @@ def _single_tensor(params, grads, velocities, decay, corrections, adapt, grad_no
             weight_decay=weight_decay,
             eps=eps,
         )
-        rate = effective_rates(local, adapt=adapt_i, lr=lr, clip=clip)[0]
-        v.addcmul_(d, rate)
+        rates = effective_rates(local, adapt=adapt_i, lr=lr, clip=clip)
+        v.mul_(momentum * corrections[i]).addcmul_(g, rates[0])
+        if decays:
+            v.addcmul_(w, (rates * weight_decay)[0])
         if nesterov:
-            w.add_(v, alpha=-momentum).addcmul_(d, rate, value=-1)
+            if decays:
+                w.mul_((1 - rates * weight_decay)[0])
+            w.add_(v, alpha=-momentum).addcmul_(g, (-rates)[0])
         else:
             w.sub_(v)
         if local_rates_out is not None:
             local_rates_out[i] = local[0]
 
 
+def _uniform_or_list(values: list[float]) -> float | list[float]:
+    return values[0] if all(v == values[0] for v in values) else values
+
+
 def _multi_tensor(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions, *,
                   lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+    # Per chunk: v = m*c*v + rate*g (+ rate*beta*w), then w -= v. No temporary d = g + beta*w is
+    # allocated: on a CPU the extra allocation and pass cost more than the second addcmul.
     device = params[0].device
     scales = [momentum * c for c in corrections]
     if adapt is not None:
@@ -219,17 +215,18 @@ def _multi_tensor(params, grads, velocities, decay, corrections, adapt, grad_nor
         norms_all = torch.stack([n.to(device=device, dtype=params[0].dtype) for n in grad_norms])
     for chunk in cache_sized_chunks(params):
         w, g, v = list(params[chunk]), list(grads[chunk]), list(velocities[chunk])
-        d = _decayed_gradients(w, g, decay[chunk], weight_decay)
-        chunk_scales = scales[chunk]
-        if all(s == chunk_scales[0] for s in chunk_scales):
-            torch._foreach_mul_(v, chunk_scales[0])
-        else:
-            torch._foreach_mul_(v, chunk_scales)
+        decayed = [i for i, applies in enumerate(decay[chunk]) if applies] if weight_decay != 0 else []
+        w_decayed, v_decayed = [w[i] for i in decayed], [v[i] for i in decayed]
+        torch._foreach_mul_(v, _uniform_or_list(scales[chunk]))
         if adapt is None:
-            torch._foreach_add_(v, d, alpha=lr)
+            torch._foreach_add_(v, g, alpha=lr)
+            if decayed:
+                torch._foreach_add_(v_decayed, w_decayed, alpha=lr * weight_decay)
             if nesterov:
+                if decayed:
+                    torch._foreach_mul_(w_decayed, 1 - lr * weight_decay)
                 torch._foreach_add_(w, v, alpha=-momentum)
-                torch._foreach_add_(w, d, alpha=-lr)
+                torch._foreach_add_(w, g, alpha=-lr)
             else:
                 torch._foreach_sub_(w, v)
             continue
@@ -242,11 +239,17 @@ def _multi_tensor(params, grads, velocities, decay, corrections, adapt, grad_nor
             weight_decay=weight_decay,
             eps=eps,
         )
-        rates = list(effective_rates(local, adapt=adapt_all[chunk], lr=lr, clip=clip).unbind())
-        torch._foreach_addcmul_(v, d, rates)
+        rates = effective_rates(local, adapt=adapt_all[chunk], lr=lr, clip=clip)
+        torch._foreach_addcmul_(v, g, list(rates.unbind()))
+        if decayed:
+            decay_rates = (rates * weight_decay).unbind()
+            torch._foreach_addcmul_(v_decayed, w_decayed, [decay_rates[i] for i in decayed])
         if nesterov:
+            if decayed:
+                shrink = (1 - rates * weight_decay).unbind()
+                torch._foreach_mul_(w_decayed, [shrink[i] for i in decayed])
             torch._foreach_add_(w, v, alpha=-momentum)
-            torch._foreach_addcmul_(w, d, rates, value=-1)
+            torch._foreach_addcmul_(w, g, list((-rates).unbind()))
         else:
             torch._foreach_sub_(w, v)
         if local_rates_out is not None:

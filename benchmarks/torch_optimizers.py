@@ -1,0 +1,323 @@
+"""Optimizer step time on ResNet-50's parameter shapes, and the per-step cost of CLARS's exact per-example norms.
+
+Usage::
+
+    .venv/bin/python benchmarks/torch_optimizers.py [--rounds 25] [--threads 1]
+
+Part 1 builds ResNet-50's 161 parameter tensors (25,557,032 float32 values;
+shapes written out below, as torchvision's ``resnet50``) with fixed random
+gradients, one copy per optimizer, and times ``step()`` round-robin (one step
+of each optimizer per round, so machine noise hits all alike), reporting
+medians from one run and the ratios the PyTorch issue targets:
+LARS / LARC against ``torch.optim.SGD(momentum=0.9, weight_decay=1e-4)``
+(the faster of its foreach and for-loop implementations) and LAMB against
+``torch.optim.AdamW`` (also the faster of the two).
+
+Part 2 times one training step (forward, backward, optimizer step) of a small
+1-D CNN with BatchNorm at batch 128 with LARS, and with CLARS measuring
+per-example norms exactly (``torch.func.vmap``) or with ``microbatch:8``, and
+prints the overhead against LARS.
+
+Speed is measured here and reported as ratios, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hvd_largebatch.torch_impl import CLARS, LAMB, LARS
+
+#: ResNet-50's parameter tensors in ``model.named_parameters()`` order.
+RESNET50_SHAPES = (
+    ("conv1.weight", (64, 3, 7, 7)),
+    ("bn1.weight", (64,)),
+    ("bn1.bias", (64,)),
+    ("layer1.0.conv1.weight", (64, 64, 1, 1)),
+    ("layer1.0.bn1.weight", (64,)),
+    ("layer1.0.bn1.bias", (64,)),
+    ("layer1.0.conv2.weight", (64, 64, 3, 3)),
+    ("layer1.0.bn2.weight", (64,)),
+    ("layer1.0.bn2.bias", (64,)),
+    ("layer1.0.conv3.weight", (256, 64, 1, 1)),
+    ("layer1.0.bn3.weight", (256,)),
+    ("layer1.0.bn3.bias", (256,)),
+    ("layer1.0.downsample.0.weight", (256, 64, 1, 1)),
+    ("layer1.0.downsample.1.weight", (256,)),
+    ("layer1.0.downsample.1.bias", (256,)),
+    ("layer1.1.conv1.weight", (64, 256, 1, 1)),
+    ("layer1.1.bn1.weight", (64,)),
+    ("layer1.1.bn1.bias", (64,)),
+    ("layer1.1.conv2.weight", (64, 64, 3, 3)),
+    ("layer1.1.bn2.weight", (64,)),
+    ("layer1.1.bn2.bias", (64,)),
+    ("layer1.1.conv3.weight", (256, 64, 1, 1)),
+    ("layer1.1.bn3.weight", (256,)),
+    ("layer1.1.bn3.bias", (256,)),
+    ("layer1.2.conv1.weight", (64, 256, 1, 1)),
+    ("layer1.2.bn1.weight", (64,)),
+    ("layer1.2.bn1.bias", (64,)),
+    ("layer1.2.conv2.weight", (64, 64, 3, 3)),
+    ("layer1.2.bn2.weight", (64,)),
+    ("layer1.2.bn2.bias", (64,)),
+    ("layer1.2.conv3.weight", (256, 64, 1, 1)),
+    ("layer1.2.bn3.weight", (256,)),
+    ("layer1.2.bn3.bias", (256,)),
+    ("layer2.0.conv1.weight", (128, 256, 1, 1)),
+    ("layer2.0.bn1.weight", (128,)),
+    ("layer2.0.bn1.bias", (128,)),
+    ("layer2.0.conv2.weight", (128, 128, 3, 3)),
+    ("layer2.0.bn2.weight", (128,)),
+    ("layer2.0.bn2.bias", (128,)),
+    ("layer2.0.conv3.weight", (512, 128, 1, 1)),
+    ("layer2.0.bn3.weight", (512,)),
+    ("layer2.0.bn3.bias", (512,)),
+    ("layer2.0.downsample.0.weight", (512, 256, 1, 1)),
+    ("layer2.0.downsample.1.weight", (512,)),
+    ("layer2.0.downsample.1.bias", (512,)),
+    ("layer2.1.conv1.weight", (128, 512, 1, 1)),
+    ("layer2.1.bn1.weight", (128,)),
+    ("layer2.1.bn1.bias", (128,)),
+    ("layer2.1.conv2.weight", (128, 128, 3, 3)),
+    ("layer2.1.bn2.weight", (128,)),
+    ("layer2.1.bn2.bias", (128,)),
+    ("layer2.1.conv3.weight", (512, 128, 1, 1)),
+    ("layer2.1.bn3.weight", (512,)),
+    ("layer2.1.bn3.bias", (512,)),
+    ("layer2.2.conv1.weight", (128, 512, 1, 1)),
+    ("layer2.2.bn1.weight", (128,)),
+    ("layer2.2.bn1.bias", (128,)),
+    ("layer2.2.conv2.weight", (128, 128, 3, 3)),
+    ("layer2.2.bn2.weight", (128,)),
+    ("layer2.2.bn2.bias", (128,)),
+    ("layer2.2.conv3.weight", (512, 128, 1, 1)),
+    ("layer2.2.bn3.weight", (512,)),
+    ("layer2.2.bn3.bias", (512,)),
+    ("layer2.3.conv1.weight", (128, 512, 1, 1)),
+    ("layer2.3.bn1.weight", (128,)),
+    ("layer2.3.bn1.bias", (128,)),
+    ("layer2.3.conv2.weight", (128, 128, 3, 3)),
+    ("layer2.3.bn2.weight", (128,)),
+    ("layer2.3.bn2.bias", (128,)),
+    ("layer2.3.conv3.weight", (512, 128, 1, 1)),
+    ("layer2.3.bn3.weight", (512,)),
+    ("layer2.3.bn3.bias", (512,)),
+    ("layer3.0.conv1.weight", (256, 512, 1, 1)),
+    ("layer3.0.bn1.weight", (256,)),
+    ("layer3.0.bn1.bias", (256,)),
+    ("layer3.0.conv2.weight", (256, 256, 3, 3)),
+    ("layer3.0.bn2.weight", (256,)),
+    ("layer3.0.bn2.bias", (256,)),
+    ("layer3.0.conv3.weight", (1024, 256, 1, 1)),
+    ("layer3.0.bn3.weight", (1024,)),
+    ("layer3.0.bn3.bias", (1024,)),
+    ("layer3.0.downsample.0.weight", (1024, 512, 1, 1)),
+    ("layer3.0.downsample.1.weight", (1024,)),
+    ("layer3.0.downsample.1.bias", (1024,)),
+    ("layer3.1.conv1.weight", (256, 1024, 1, 1)),
+    ("layer3.1.bn1.weight", (256,)),
+    ("layer3.1.bn1.bias", (256,)),
+    ("layer3.1.conv2.weight", (256, 256, 3, 3)),
+    ("layer3.1.bn2.weight", (256,)),
+    ("layer3.1.bn2.bias", (256,)),
+    ("layer3.1.conv3.weight", (1024, 256, 1, 1)),
+    ("layer3.1.bn3.weight", (1024,)),
+    ("layer3.1.bn3.bias", (1024,)),
+    ("layer3.2.conv1.weight", (256, 1024, 1, 1)),
+    ("layer3.2.bn1.weight", (256,)),
+    ("layer3.2.bn1.bias", (256,)),
+    ("layer3.2.conv2.weight", (256, 256, 3, 3)),
+    ("layer3.2.bn2.weight", (256,)),
+    ("layer3.2.bn2.bias", (256,)),
+    ("layer3.2.conv3.weight", (1024, 256, 1, 1)),
+    ("layer3.2.bn3.weight", (1024,)),
+    ("layer3.2.bn3.bias", (1024,)),
+    ("layer3.3.conv1.weight", (256, 1024, 1, 1)),
+    ("layer3.3.bn1.weight", (256,)),
+    ("layer3.3.bn1.bias", (256,)),
+    ("layer3.3.conv2.weight", (256, 256, 3, 3)),
+    ("layer3.3.bn2.weight", (256,)),
+    ("layer3.3.bn2.bias", (256,)),
+    ("layer3.3.conv3.weight", (1024, 256, 1, 1)),
+    ("layer3.3.bn3.weight", (1024,)),
+    ("layer3.3.bn3.bias", (1024,)),
+    ("layer3.4.conv1.weight", (256, 1024, 1, 1)),
+    ("layer3.4.bn1.weight", (256,)),
+    ("layer3.4.bn1.bias", (256,)),
+    ("layer3.4.conv2.weight", (256, 256, 3, 3)),
+    ("layer3.4.bn2.weight", (256,)),
+    ("layer3.4.bn2.bias", (256,)),
+    ("layer3.4.conv3.weight", (1024, 256, 1, 1)),
+    ("layer3.4.bn3.weight", (1024,)),
+    ("layer3.4.bn3.bias", (1024,)),
+    ("layer3.5.conv1.weight", (256, 1024, 1, 1)),
+    ("layer3.5.bn1.weight", (256,)),
+    ("layer3.5.bn1.bias", (256,)),
+    ("layer3.5.conv2.weight", (256, 256, 3, 3)),
+    ("layer3.5.bn2.weight", (256,)),
+    ("layer3.5.bn2.bias", (256,)),
+    ("layer3.5.conv3.weight", (1024, 256, 1, 1)),
+    ("layer3.5.bn3.weight", (1024,)),
+    ("layer3.5.bn3.bias", (1024,)),
+    ("layer4.0.conv1.weight", (512, 1024, 1, 1)),
+    ("layer4.0.bn1.weight", (512,)),
+    ("layer4.0.bn1.bias", (512,)),
+    ("layer4.0.conv2.weight", (512, 512, 3, 3)),
+    ("layer4.0.bn2.weight", (512,)),
+    ("layer4.0.bn2.bias", (512,)),
+    ("layer4.0.conv3.weight", (2048, 512, 1, 1)),
+    ("layer4.0.bn3.weight", (2048,)),
+    ("layer4.0.bn3.bias", (2048,)),
+    ("layer4.0.downsample.0.weight", (2048, 1024, 1, 1)),
+    ("layer4.0.downsample.1.weight", (2048,)),
+    ("layer4.0.downsample.1.bias", (2048,)),
+    ("layer4.1.conv1.weight", (512, 2048, 1, 1)),
+    ("layer4.1.bn1.weight", (512,)),
+    ("layer4.1.bn1.bias", (512,)),
+    ("layer4.1.conv2.weight", (512, 512, 3, 3)),
+    ("layer4.1.bn2.weight", (512,)),
+    ("layer4.1.bn2.bias", (512,)),
+    ("layer4.1.conv3.weight", (2048, 512, 1, 1)),
+    ("layer4.1.bn3.weight", (2048,)),
+    ("layer4.1.bn3.bias", (2048,)),
+    ("layer4.2.conv1.weight", (512, 2048, 1, 1)),
+    ("layer4.2.bn1.weight", (512,)),
+    ("layer4.2.bn1.bias", (512,)),
+    ("layer4.2.conv2.weight", (512, 512, 3, 3)),
+    ("layer4.2.bn2.weight", (512,)),
+    ("layer4.2.bn2.bias", (512,)),
+    ("layer4.2.conv3.weight", (2048, 512, 1, 1)),
+    ("layer4.2.bn3.weight", (2048,)),
+    ("layer4.2.bn3.bias", (2048,)),
+    ("fc.weight", (1000, 2048)),
+    ("fc.bias", (1000,)),
+
+)
+RESNET50_PARAMETERS = 25_557_032
+
+
+def resnet50_tensors(seed: int = 0) -> tuple[list[tuple[str, torch.Tensor]], list[torch.Tensor]]:
+    """Weights (He-like scale) and gradients for every ResNet-50 tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    weights, grads = [], []
+    for name, shape in RESNET50_SHAPES:
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        weights.append((name, torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)))
+        grads.append(torch.randn(shape, generator=generator) * 1e-3)
+    return weights, grads
+
+
+def optimizer_factories() -> dict[str, object]:
+    """Name -> callable(named params) -> optimizer."""
+    return {
+        "torch SGD foreach": lambda p: torch.optim.SGD([t for _, t in p], lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True),
+        "torch SGD for-loop": lambda p: torch.optim.SGD([t for _, t in p], lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False),
+        "torch AdamW foreach": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, weight_decay=0.01, foreach=True),
+        "torch AdamW for-loop": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, weight_decay=0.01, foreach=False),
+        "LARS foreach": lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True),
+        "LARS single-tensor": lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False),
+        "LARC foreach": lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, clip=True, foreach=True),
+        "LAMB foreach": lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, foreach=True),
+        "LAMB single-tensor": lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, foreach=False),
+    }
+
+
+def time_optimizer_steps(rounds: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per ``step()`` of every optimizer, measured round-robin."""
+    weights, grads = resnet50_tensors()
+    assert len(weights) == 161 and sum(t.numel() for _, t in weights) == RESNET50_PARAMETERS
+    optimizers = {}
+    for name, factory in optimizer_factories().items():
+        params = [(n, torch.nn.Parameter(t.clone())) for n, t in weights]
+        for (_, p), g in zip(params, grads):
+            p.grad = g.clone()
+        optimizers[name] = factory(params)
+    samples: dict[str, list[float]] = {name: [] for name in optimizers}
+    for round_index in range(warmup + rounds):
+        for name, opt in optimizers.items():
+            start = time.perf_counter()
+            opt.step()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                samples[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _bench_cnn() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv1d(1, 16, 5, padding=2), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+        torch.nn.Conv1d(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+        torch.nn.Conv1d(32, 32, 3, stride=2, padding=1), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 10, 10),
+    )
+
+
+def time_clars_overhead(rounds: int, batch: int = 128, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per training step on the bench CNN: LARS vs CLARS exact / microbatch:8."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, 40, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    setups = {}
+    for name, estimator in (("LARS", None), ("CLARS exact (chunk 32)", "exact"), ("CLARS exact (chunk 128)", "exact:128"),
+                            ("CLARS microbatch:8", "microbatch:8")):
+        torch.manual_seed(0)
+        model = _bench_cnn()
+        if estimator is None:
+            opt = LARS(model.named_parameters(), lr=1.0)
+        elif estimator == "exact:128":
+            opt = CLARS(model.named_parameters(), lr=1.0, estimator="exact", chunk_size=128)
+        else:
+            opt = CLARS(model.named_parameters(), lr=1.0, estimator=estimator)
+        setups[name] = (model, opt)
+    samples: dict[str, list[float]] = {name: [] for name in setups}
+    for round_index in range(warmup + rounds):
+        for name, (model, opt) in setups.items():
+            start = time.perf_counter()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if isinstance(opt, CLARS):
+                opt.add_grad_norms(model, F.cross_entropy, x, y)
+            opt.step()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                samples[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=25, help="timed steps per optimizer (default 25)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    times = time_optimizer_steps(args.rounds)
+    sgd = min(times["torch SGD foreach"], times["torch SGD for-loop"])
+    adamw = min(times["torch AdamW foreach"], times["torch AdamW for-loop"])
+    print(f"ResNet-50 shapes: 161 tensors, {RESNET50_PARAMETERS:,} float32 parameters; "
+          f"median of {args.rounds} steps, {args.threads} thread(s)")
+    print(f"{'optimizer':<24} {'ms/step':>9} {'vs SGD':>8} {'vs AdamW':>9}")
+    for name, seconds in times.items():
+        print(f"{name:<24} {seconds * 1e3:9.2f} {seconds / sgd:8.2f} {seconds / adamw:9.2f}")
+    lars = min(times["LARS foreach"], times["LARS single-tensor"])
+    lamb = min(times["LAMB foreach"], times["LAMB single-tensor"])
+    print(f"targets: LARS/SGD = {times['LARS foreach'] / sgd:.2f} (foreach; <= 1.45), "
+          f"LARC/SGD = {times['LARC foreach'] / sgd:.2f}, LAMB/AdamW = {times['LAMB foreach'] / adamw:.2f} (foreach; <= 1.5); "
+          f"best paths: LARS {lars / sgd:.2f}, LAMB {lamb / adamw:.2f}")
+
+    overhead = time_clars_overhead(max(5, args.rounds // 2))
+    base = overhead["LARS"]
+    print()
+    print("training step of a 1-D CNN with BatchNorm (21k params), batch 128")
+    print(f"{'optimizer':<26} {'ms/step':>9} {'vs LARS':>8}")
+    for name, seconds in overhead.items():
+        print(f"{name:<26} {seconds * 1e3:9.2f} {seconds / base:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

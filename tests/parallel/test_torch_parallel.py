@@ -1,0 +1,95 @@
+"""hvd_largebatch.torch_impl under ``horovodrun -np 2`` (Gloo and MPI): averaging, identical ranks, exact broadcast.
+
+One launch per backend runs ``torch_worker.py``, which performs every check on
+every rank; expectations are computed from rank and size (DESIGN.md,
+"Horovod semantics that tests must pin down").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher import run_under_horovod
+
+WORKER = Path(__file__).with_name("torch_worker.py")
+NAMES = ("sgd", "lars", "larc", "clars", "lamb")
+# float64; only the order of the gradient summation differs from the single process
+SINGLE_PROCESS_TOLERANCE = 1e-9
+
+
+@pytest.fixture(scope="module", params=["gloo", "mpi"])
+def results(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"torch_{request.param}")
+    return run_under_horovod(WORKER, str(directory), backend=request.param, np=2)
+
+
+def test_ranks_and_size(results):
+    assert [(r["rank"], r["size"]) for r in results] == [(0, 2), (1, 2)]
+
+
+@pytest.mark.parametrize("key", [f"average/{n}" for n in NAMES] + [f"accumulate2/{n}" for n in ("lars", "clars", "lamb")])
+def test_ranks_identical_and_equal_to_one_process_on_the_concatenated_batch(results, key):
+    first, second = (r[key] for r in results)
+    assert first["digest"] == second["digest"], "weights or optimizer state differ between ranks"
+    for result in (first, second):
+        assert result["vs_single_process"] <= SINGLE_PROCESS_TOLERANCE, result
+        assert result["moved"] > 1e-4  # training really changed the weights
+        assert result["lr"] == result["single_lr"]
+        assert result["skipped"] == 0
+
+
+def test_batchnorm_model_keeps_parameters_and_state_identical(results):
+    first, second = (r["bn_model"] for r in results)
+    assert first["params_and_state_digest"] == second["params_and_state_digest"]
+    # BatchNorm running statistics are local (Horovod does not synchronise them)
+    assert first["buffers_digest"] != second["buffers_digest"]
+
+
+def test_clars_exact_equals_microbatch_with_k_equal_to_batch_and_is_averaged(results):
+    for result in results:
+        assert result["clars_exact_vs_microbatch"] <= 1e-10
+    assert results[0]["clars_exact"] == results[1]["clars_exact"]  # the global mean, same on both
+    for name, value in results[0]["clars_exact"].items():
+        local_mean = (results[0]["clars_local"][name] + results[1]["clars_local"][name]) / 2
+        assert value == pytest.approx(local_mean, rel=1e-12)
+    assert results[0]["clars_local"] != results[1]["clars_local"]
+
+
+def test_distributed_optimizer_keeps_hyperparameters_and_switches(results):
+    for result in results:
+        settings = result["settings"]
+        assert settings["groups_kept"] and settings["switches_kept"]
+        assert settings["is_clars"] and settings["horovod_keeps_adapt_mask"]
+        assert settings["horovod_backward_passes"] == 2
+
+
+@pytest.mark.parametrize("root", [0, 1])
+@pytest.mark.parametrize("fresh", [0, 1], ids=["root-trained", "root-fresh"])
+def test_broadcast_state_gives_every_rank_exactly_the_roots_weights_and_state(results, root, fresh):
+    key = f"broadcast/root{root}/fresh{fresh}"
+    for rank, result in enumerate(results):
+        check = result[key]
+        assert check["after_equals_root_before"]
+        assert check["skipped_steps"] == root  # the root's skip count
+        if rank == root:
+            assert check["root_unchanged"]
+        if fresh:
+            assert check["state_entries"] > 0  # after the synchronised step
+    assert results[0][key]["after_step_digest"] == results[1][key]["after_step_digest"]
+
+
+def test_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(results):
+    for result in results:
+        assert result["nonfinite_unchanged"]
+        assert result["nonfinite_skipped"] == 1
+        assert result["nonfinite_weights_finite"]
+
+
+def test_checkpoint_written_by_rank0_resumes_exactly_on_every_rank(results):
+    assert [r["checkpoint_wrote"] for r in results] == [True, False]
+    for result in results:
+        assert result["checkpoint_info"] == {"step": 4, "extra": {"epoch": 2}}
+        assert result["checkpoint_resume_exact"]
+        assert result["checkpoint_lr"][0] == result["checkpoint_lr"][1]
