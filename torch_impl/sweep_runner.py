@@ -87,7 +87,7 @@ def train_cell(
 
     Returns:
         ``test_accuracy``, ``test_loss``, ``train_loss`` (last epoch, mean over
-        ranks of the clean loss), ``history`` (per epoch), ``seconds``
+        steps and ranks of the optimised loss: for ConAdv, clean + adversarial), ``history`` (per epoch), ``seconds``
         (training and evaluation wall time), ``skipped_steps`` (non-finite
         gradients skipped by the optimizer).
 
@@ -135,17 +135,13 @@ def train_cell(
             steps = conadv.lookahead(batches) if conadv is not None else ((b, None) for b in batches)
             for (x, y), ahead in steps:
                 optimizer.zero_grad()
-                if conadv is not None:
-                    loss = conadv.loss(x, y, ahead)
-                    clean_loss = conadv.last_clean_loss
-                else:
-                    loss = clean_loss = F.cross_entropy(model(x), y)
+                loss = conadv.loss(x, y, ahead) if conadv is not None else F.cross_entropy(model(x), y)
                 loss.backward()
                 if needs_norms:
                     optimizer.add_grad_norms(model, F.cross_entropy, x, y)
                 optimizer.step()
                 scheduler.step()
-                loss_sum += clean_loss.detach().double()
+                loss_sum += loss.detach().double()
             lr = optimizer.param_groups[0]["lr"]
             train_loss = float(hvd.allreduce(loss_sum / shards.steps_per_epoch, op=hvd.Average, name="bench.loss"))
             test_loss, test_accuracy = evaluate(model, x_test, y_test, hvd)

@@ -1,0 +1,548 @@
+"""Tests of the batch-size sweep: data sharding, recipes, results store, reports, and real tiny sweeps.
+
+The framework-free parts are tested in-process (a fake cell runner stands in
+for a framework where only the bookkeeping is under test). The end-to-end
+tests run ``hvd-largebatch bench`` for real under ``horovodrun -np 2`` (Gloo):
+a tiny sweep per framework (two methods x two batch sizes, one epoch, small
+data) whose output files must all appear and parse, a rerun that must keep
+every finished cell, and a sweep whose second cell fails, which must stop
+with a message naming that cell and keep the first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hvd_largebatch import bench, bench_report, data, recipes
+from hvd_largebatch.bench_results import FailureMarkers, ResultsStore
+from hvd_largebatch.bench_worker import CellFailed, WorkerJob, run_job
+from hvd_largebatch.data import MNIST1DSpec, ShardedBatches, epoch_permutation, load_mnist1d, shard_of
+
+TINY = MNIST1DSpec(train_size=1024, test_size=256)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A private data cache shared by this module's tests (generation happens once)."""
+    return tmp_path_factory.mktemp("hvd_lb_cache")
+
+
+@pytest.fixture
+def cache_env(cache_dir, monkeypatch):
+    monkeypatch.setenv("HVD_LB_CACHE", str(cache_dir))
+    return cache_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding and the shared per-epoch permutation
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world_size,global_batch", [(1, 8), (2, 8), (4, 12), (3, 9)])
+def test_ranks_partition_each_global_batch_in_rank_order(world_size, global_batch):
+    shards = [ShardedBatches(50, global_batch, r, world_size, seed=7) for r in range(world_size)]
+    assert {s.steps_per_epoch for s in shards} == {50 // global_batch}
+    for epoch in range(3):
+        for step in range(shards[0].steps_per_epoch):
+            parts = [s.indices(epoch, step) for s in shards]
+            assert all(len(p) == global_batch // world_size for p in parts)
+            np.testing.assert_array_equal(np.concatenate(parts), shards[0].global_batch_indices(epoch, step))
+        # epoch_indices is the same thing for the whole epoch; no example repeats within an epoch.
+        for s in shards:
+            for step, row in enumerate(s.epoch_indices(epoch)):
+                np.testing.assert_array_equal(row, s.indices(epoch, step))
+        whole = np.concatenate([s.epoch_indices(epoch).ravel() for s in shards])
+        assert len(np.unique(whole)) == len(whole) == shards[0].steps_per_epoch * global_batch
+
+
+def test_epoch_permutation_is_shared_and_changes_every_epoch():
+    first = epoch_permutation(1000, 0, seed=3)
+    assert sorted(first.tolist()) == list(range(1000))
+    np.testing.assert_array_equal(first, epoch_permutation(1000, 0, seed=3))  # same on every rank / call
+    assert not np.array_equal(first, epoch_permutation(1000, 1, seed=3))
+    assert not np.array_equal(first, epoch_permutation(1000, 0, seed=4))
+    # Two ranks' objects see the same order, whatever else they computed before.
+    a, b = ShardedBatches(1000, 100, 0, 2, seed=3), ShardedBatches(1000, 100, 1, 2, seed=3)
+    a.epoch_order(5)
+    np.testing.assert_array_equal(a.epoch_order(2), b.epoch_order(2))
+
+
+def test_batches_yields_the_rows_of_the_indices():
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    y = np.arange(20)
+    shards = ShardedBatches(20, 8, 1, 2, seed=0)
+    got = list(shards.batches(x, y, epoch=1))
+    assert len(got) == 2
+    for (xb, yb), rows in zip(got, shards.epoch_indices(1)):
+        np.testing.assert_array_equal(yb, rows)
+        np.testing.assert_array_equal(xb, x[rows])
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [
+        (dict(num_examples=100, global_batch=7, rank=0, world_size=2, seed=0), "global_batch"),
+        (dict(num_examples=100, global_batch=128, rank=0, world_size=2, seed=0), "dataset_size"),
+        (dict(num_examples=100, global_batch=8, rank=2, world_size=2, seed=0), "rank"),
+        (dict(num_examples=100, global_batch=8, rank=0, world_size=0, seed=0), "world_size"),
+        (dict(num_examples=100, global_batch=8, rank=0, world_size=2, seed=-1), "seed"),
+    ],
+)
+def test_sharding_rejects_bad_input_naming_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        ShardedBatches(**kwargs)
+
+
+def test_step_out_of_range_is_refused():
+    shards = ShardedBatches(100, 10, 0, 2, seed=0)
+    with pytest.raises(ValueError, match="step"):
+        shards.indices(0, 10)
+
+
+def test_shard_of_splits_the_test_set_into_disjoint_parts():
+    array = np.arange(11)
+    parts = [shard_of(array, r, 3) for r in range(3)]
+    np.testing.assert_array_equal(np.concatenate(parts), array)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        shard_of(array, 3, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST-1D generation and cache
+# --------------------------------------------------------------------------------------------
+def test_mnist1d_is_generated_once_cached_and_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    spec = MNIST1DSpec(train_size=195, test_size=52, seed=5)  # 247 samples: not a multiple of 10
+    np.random.seed(123)
+    random.seed(123)
+    expected_numpy, expected_python = np.random.rand(), random.random()
+    np.random.seed(123)
+    random.seed(123)
+    lines = []
+    first = load_mnist1d(spec, cache_dir=tmp_path, log=lines.append)
+    assert (np.random.rand(), random.random()) == (expected_numpy, expected_python)
+    assert len(lines) == 1 and "generating MNIST-1D" in lines[0]
+    assert first.x_train.shape == (195, data.SIGNAL_LENGTH) and first.x_test.shape == (52, data.SIGNAL_LENGTH)
+    assert first.x_train.dtype == np.float32 and first.y_train.dtype == np.int64
+    assert set(np.unique(first.y_train)) <= set(range(10)) and len(np.unique(first.y_train)) == 10
+    assert first.generator_args["num_samples"] == 250 and "url" not in first.generator_args
+    # Second load: from the file, without calling the generator.
+    monkeypatch.setattr(data, "_generate", lambda *a: pytest.fail("regenerated a cached dataset"))
+    second = load_mnist1d(spec, cache_dir=tmp_path, log=lines.append)
+    assert len(lines) == 1
+    np.testing.assert_array_equal(first.x_train, second.x_train)
+    np.testing.assert_array_equal(first.y_test, second.y_test)
+    assert second.generator_args == first.generator_args
+
+
+def test_a_damaged_cache_file_is_regenerated(tmp_path):
+    spec = MNIST1DSpec(train_size=40, test_size=10)
+    good = load_mnist1d(spec, cache_dir=tmp_path)
+    good.path.write_bytes(b"not an npz file")
+    again = load_mnist1d(spec, cache_dir=tmp_path)
+    np.testing.assert_array_equal(good.x_train, again.x_train)
+
+
+def test_cache_key_depends_on_every_setting(tmp_path):
+    paths = {
+        load_mnist1d(spec, cache_dir=tmp_path).path
+        for spec in (
+            MNIST1DSpec(train_size=40, test_size=10),
+            MNIST1DSpec(train_size=40, test_size=10, seed=1),
+            MNIST1DSpec(train_size=30, test_size=20),
+            MNIST1DSpec(train_size=40, test_size=10, generator_overrides=(("iid_noise_scale", 0.05),)),
+        )
+    }
+    assert len(paths) == 4
+
+
+def test_cache_directory_follows_hvd_lb_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("HVD_LB_CACHE", str(tmp_path))
+    assert data.cache_directory() == tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [
+        (dict(train_size=0), "train_size"),
+        (dict(test_size=1.5), "test_size"),
+        (dict(seed=-3), "seed"),
+        (dict(generator_overrides=(("url", "http://x"),)), "generator_overrides"),
+        (dict(generator_overrides=(("num_samples", 9),)), "generator_overrides"),
+    ],
+)
+def test_mnist1d_spec_rejects_bad_input(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        MNIST1DSpec(**kwargs)
+
+
+def test_unknown_generator_argument_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown mnist1d argument"):
+        load_mnist1d(MNIST1DSpec(train_size=10, test_size=10, generator_overrides=(("noise", 1),)), cache_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes and plans
+# --------------------------------------------------------------------------------------------
+def plan(method, batch, *, epochs=9, train_size=60000, framework="torch", world_size=2):
+    return recipes.plan_cell(
+        recipes.METHODS[method], framework=framework, global_batch=batch, world_size=world_size, epochs=epochs,
+        train_size=train_size, seed=0,
+    )
+
+
+def test_every_method_scales_its_base_lr_by_its_rule():
+    for method, recipe in recipes.METHODS.items():
+        small, large = plan(method, recipes.BASE_BATCH), plan(method, 64 * recipes.BASE_BATCH)
+        assert small.schedule.peak == pytest.approx(recipe.base_lr)
+        factor = 8.0 if recipe.scaling == "sqrt" else 64.0
+        assert large.schedule.peak == pytest.approx(recipe.base_lr * factor), method
+        assert large.steps_per_epoch == 60000 // 8192 and large.per_worker_batch == 4096
+
+
+def test_recipes_differ_as_documented():
+    sgd, goyal, lars, clars, lamb, conadv = (plan(m, 2048) for m in recipes.METHOD_NAMES)
+    epochs, spe = 9, 60000 // 2048
+    # sgd and goyal: same step decay at 1/3, 2/3, 8/9 of training; only goyal warms up (from the base LR).
+    assert sgd.schedule.warmup == "none" and sgd.schedule.decay == "step"
+    assert goyal.schedule.warmup == "gradual" and goyal.schedule.warmup_start == goyal.base_lr
+    assert goyal.schedule.warmup_steps == round(recipes.WARMUP_FRACTION * epochs * spe)
+    assert sgd.schedule.milestones == goyal.schedule.milestones == (3, 6, 8)
+    assert sgd.optimizer_config == {**goyal.optimizer_config, "lr": sgd.schedule(0)}
+    # lars, lamb, conadv warm up then decay as poly(2); clars does not warm up.
+    for cell in (lars, lamb, conadv):
+        assert cell.schedule.warmup == "gradual" and cell.schedule.decay == "poly" and cell.schedule.power == 2
+    assert clars.schedule.warmup == "none" and clars.schedule.decay == "poly"
+    assert clars.optimizer == "clars" and clars.optimizer_config["estimator"] == "exact"
+    assert conadv.optimizer == "lars" and conadv.conadv["dual_bn"] is True and lars.conadv is None
+    assert lamb.scaling == "sqrt" and lamb.optimizer_config["weight_decay"] == 0.01
+    # Every hyperparameter of the optimizer record is written out, defaults included.
+    assert set(lars.optimizer_config) == {
+        "lr", "momentum", "weight_decay", "trust_coefficient", "eps", "nesterov", "clip", "momentum_correction",
+        "nonfinite",
+    }
+
+
+def test_a_plan_round_trips_through_json():
+    for method in recipes.METHOD_NAMES:
+        cell = plan(method, 512)
+        assert recipes.CellPlan.from_config(json.loads(json.dumps(cell.to_config()))) == cell
+        assert cell.key == f"torch:{method}:512"
+
+
+def test_short_runs_keep_only_milestones_after_the_warmup():
+    cell = plan("goyal", 8192, epochs=1, train_size=60000)  # 7 steps, warmup 1 step
+    assert all(m * cell.steps_per_epoch > cell.schedule.warmup_steps for m in cell.schedule.milestones)
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [
+        (dict(framework="jax"), "framework"),
+        (dict(global_batch=1001), "global_batch"),
+        (dict(epochs=0), "epochs"),
+        (dict(global_batch=128, train_size=100), "dataset_size"),
+    ],
+)
+def test_plan_cell_rejects_bad_input(kwargs, argument):
+    args = dict(framework="torch", global_batch=512, world_size=2, epochs=2, train_size=60000, seed=0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=argument):
+        recipes.plan_cell(recipes.METHODS["lars"], **args)
+
+
+def test_recipe_for_and_base_lr_override():
+    assert recipes.recipe_for("lars", 0.5).base_lr == 0.5
+    with pytest.raises(ValueError, match="method"):
+        recipes.recipe_for("adam")
+    with pytest.raises(ValueError, match="base_lr"):
+        recipes.recipe_for("lars", -1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep planning and the command line
+# --------------------------------------------------------------------------------------------
+def settings(**kwargs):
+    return bench.SweepSettings(**{"epochs": 1, "workers": 2, "data": TINY, **kwargs})
+
+
+def test_plan_sweep_orders_cells_by_method_then_batch_and_applies_overrides():
+    plans = bench.plan_sweep("keras", ["lars", "sgd"], [256, 64], settings(base_lrs=(("lars", 0.5),)))
+    assert [p.key for p in plans] == ["keras:lars:64", "keras:lars:256", "keras:sgd:64", "keras:sgd:256"]
+    assert plans[0].base_lr == 0.5 and plans[2].base_lr == recipes.BASE_LRS["sgd"]
+
+
+@pytest.mark.parametrize(
+    "methods,batches,argument",
+    [
+        (["lars", "lars"], [64], "methods"),
+        (["adam"], [64], "methods"),
+        ([], [64], "methods"),
+        (["lars"], [64, 64], "batch_sizes"),
+        (["lars"], [63], "multiples of workers"),
+        (["lars"], [2048], "at most the training set size"),
+    ],
+)
+def test_plan_sweep_rejects_bad_input(methods, batches, argument):
+    with pytest.raises(ValueError, match=argument):
+        bench.plan_sweep("torch", methods, batches, settings())
+
+
+def test_inside_horovodrun_is_detected_from_the_environment():
+    assert bench.inside_horovodrun({"HOROVOD_RANK": "1"})
+    assert bench.inside_horovodrun({"OMPI_COMM_WORLD_RANK": "0"})
+    assert not bench.inside_horovodrun({"PATH": "/bin"})
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--methods", "sgd,adam"], "--methods must be a comma-separated list of"),
+        (["--batch-sizes", "64,big"], "--batch-sizes must be comma-separated integers"),
+        (["--base-lr", "lars:2"], "--base-lr must look like METHOD=LR"),
+        (["--epochs", "0"], "epochs must be an integer >= 1"),
+        (["--framework", "jax"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    from hvd_largebatch.cli import main
+
+    status = main(["bench", "--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Results store, worker loop with a fake runner, failure messages, reports
+# --------------------------------------------------------------------------------------------
+class FakeRunner:
+    """Stands in for a framework runner: rank 0 of 1, records the cells it runs, fails on request."""
+
+    rank, size = 0, 1
+
+    def __init__(self, fail_on=None):
+        self.ran, self.fail_on = [], fail_on
+
+    def broadcast_object(self, value):
+        return value
+
+    def run_cell(self, plan, data, on_epoch):
+        self.ran.append(plan.key)
+        if plan.key == self.fail_on:
+            raise RuntimeError("injected by the fake runner")
+        accuracy = 1.0 - plan.global_batch / 10000
+        report = {"epoch": 1, "epochs": 1, "train_loss": 0.5, "test_loss": 0.4, "test_accuracy": accuracy,
+                  "lr": 0.1, "seconds": 0.01}
+        on_epoch(report)
+        return {"test_accuracy": accuracy, "test_loss": 0.4, "train_loss": 0.5, "history": [report],
+                "seconds": 0.01, "skipped_steps": 0}
+
+
+def job_for(out_dir, plans, store):
+    _, pending, _ = store.split(plans)
+    return WorkerJob(framework="torch", out_dir=str(out_dir), data=TINY.to_config(), cells=tuple(pending),
+                     done_before=len(plans) - len(pending), total=len(plans))
+
+
+def test_worker_stores_each_cell_and_a_failure_names_the_cell_then_resume_keeps_finished_cells(
+    tmp_path, cache_env
+):
+    sweep = settings()
+    plans = bench.plan_sweep("torch", ["sgd", "lars"], [64, 256], sweep)
+    store = ResultsStore(tmp_path)
+    store.adopt_settings(sweep.to_config())
+    store.save()
+    lines = []
+    failing = FakeRunner(fail_on="torch:lars:64")
+    with pytest.raises(CellFailed, match="torch lars batch 64"):
+        run_job(job_for(tmp_path, plans, store), failing, echo=lines.append)
+    assert failing.ran == ["torch:sgd:64", "torch:sgd:256", "torch:lars:64"]
+    assert any(line.startswith("[1/4] torch sgd") for line in lines)
+    cause = FailureMarkers(tmp_path).first_cause()
+    assert cause["key"] == "torch:lars:64" and cause["error_type"] == "RuntimeError" and cause["rank"] == 0
+    assert FailureMarkers(tmp_path).running()["key"] == "torch:lars:64"
+    # Rerun: the two finished cells are kept and not run again.
+    store = ResultsStore(tmp_path)
+    assert [r["key"] for r in store.records] == ["torch:sgd:64", "torch:sgd:256"]
+    job = job_for(tmp_path, plans, store)
+    assert [p.key for p in job.cells] == ["torch:lars:64", "torch:lars:256"] and job.done_before == 2
+    again = FakeRunner()
+    run_job(job, again, echo=lines.append)
+    assert again.ran == ["torch:lars:64", "torch:lars:256"]
+    assert len(ResultsStore(tmp_path).records) == 4
+    assert "[4/4] torch lars" in "\n".join(lines)
+
+
+def test_store_refuses_other_settings_and_reruns_changed_recipes(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.adopt_settings(settings().to_config())
+    cell = plan("lars", 512)
+    store.add(cell, {"test_accuracy": 0.9, "test_loss": float("nan"), "train_loss": float("inf"), "seconds": 1.0})
+    reloaded = ResultsStore(tmp_path)
+    assert reloaded.records[0]["result"]["test_loss"] is None  # strict JSON: NaN/Inf stored as null
+    with pytest.raises(ValueError, match=r"--out .* other settings \(epochs: 1 there, 3 here\)"):
+        reloaded.adopt_settings(settings(epochs=3).to_config())
+    reloaded.adopt_settings(settings().to_config())  # the same settings are fine
+    changed = recipes.plan_cell(recipes.recipe_for("lars", 0.25), framework="torch", global_batch=512,
+                                world_size=2, epochs=9, train_size=60000, seed=0)
+    finished, pending, differs = reloaded.split([cell, changed, plan("sgd", 512)])
+    assert [p.key for p in finished] == ["torch:lars:512"]
+    assert [p.key for p in pending] == ["torch:lars:512", "torch:sgd:512"]
+    assert [p.key for p in differs] == ["torch:lars:512"]
+
+
+def test_a_results_file_of_another_kind_is_refused(tmp_path):
+    (tmp_path / "results.json").write_text('{"something": "else"}')
+    with pytest.raises(ValueError, match="not a results file"):
+        ResultsStore(tmp_path)
+
+
+def test_failure_message_prefers_the_original_error_over_horovod_shutdown(tmp_path):
+    markers = FailureMarkers(tmp_path)
+    cell = plan("lars", 512)
+    markers.mark_running(cell, 3, 8)
+    message = bench.failure_message(9, markers, 2, tmp_path / "results.json", tmp_path / "sweep.log")
+    assert "during cell torch lars batch 512" in message and "2 finished cell(s) are kept" in message
+
+    class HorovodInternalError(RuntimeError):
+        pass
+
+    markers.mark_failed(0, cell, HorovodInternalError("Horovod has been shut down"), "")
+    markers.mark_failed(1, cell, ValueError("the real cause"), "")
+    message = bench.failure_message(1, markers, 2, tmp_path / "results.json", tmp_path / "sweep.log")
+    assert message.startswith("hvd-largebatch bench: stopped: cell torch lars batch 512 failed on rank 1: "
+                              "ValueError: the real cause")
+    markers.clear()
+    message = bench.failure_message(1, markers, 0, tmp_path / "r.json", tmp_path / "l", ["boom: no horovod"])
+    assert "before any cell started" in message and "boom: no horovod" in message
+
+
+def test_reports_cover_every_finished_cell(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.adopt_settings(settings().to_config())
+    store.add_command("hvd-largebatch bench --framework torch")
+    accuracies = {("sgd", 128): 0.97, ("sgd", 8192): 0.31, ("lars", 128): 0.96, ("lars", 8192): 0.88}
+    for (method, batch), accuracy in accuracies.items():
+        history = [{"epoch": 1, "test_accuracy": accuracy}]
+        loss = float("nan") if accuracy < 0.5 else 0.3
+        store.add(plan(method, batch), {"test_accuracy": accuracy, "test_loss": 0.3, "train_loss": loss,
+                                        "history": history, "seconds": 12.5})
+    store.add(plan("lamb", 128, framework="keras"), {"test_accuracy": 0.95, "test_loss": 0.2, "train_loss": 0.2,
+                                                     "history": [], "seconds": 3.0})
+    text = bench_report.write_reports(ResultsStore(tmp_path))
+
+    with open(tmp_path / bench_report.CSV_FILE) as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 5 and tuple(rows[0]) == bench_report.CSV_COLUMNS
+    by_key = {(r["framework"], r["method"], int(r["global_batch"])): r for r in rows}
+    assert float(by_key[("torch", "lars", 8192)]["test_accuracy"]) == 0.88
+    assert by_key[("torch", "sgd", 8192)]["diverged"] == "True"
+    assert json.loads(by_key[("torch", "lars", 128)]["optimizer_config"])["trust_coefficient"] == 0.001
+    assert float(by_key[("torch", "lars", 8192)]["peak_lr"]) == pytest.approx(64 * recipes.BASE_LRS["lars"])
+
+    assert text == (tmp_path / bench_report.TABLE_FILE).read_text()
+    assert "| sgd | **97.00** | 31.00 (diverged) |" in text
+    assert "| lars | 96.00 | **88.00** |" in text
+    assert "## keras: test accuracy (%) after 9 epochs" in text
+    assert "hvd-largebatch bench --framework torch" in text
+    assert "trust_coefficient=0.001" in text and "sqrt" in text
+    assert (tmp_path / bench_report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The models: same size in both frameworks
+# --------------------------------------------------------------------------------------------
+def test_torch_and_keras_models_have_the_same_parameter_count():
+    import torch
+
+    from hvd_largebatch.tf.models import count_parameters as keras_count
+    from hvd_largebatch.tf.models import mnist1d_convnet
+    from hvd_largebatch.torch_impl.models import MNIST1DConvNet
+    from hvd_largebatch.torch_impl.models import count_parameters as torch_count
+
+    for channels in [(32, 64, 64), (8, 16, 24)]:
+        torch_model, keras_model = MNIST1DConvNet(channels), mnist1d_convnet(channels, seed=0)
+        assert torch_count(torch_model) == keras_count(keras_model)
+        torch_shapes = sorted(tuple(p.shape) for p in torch_model.parameters())
+        keras_shapes = sorted(tuple(v.shape) for v in keras_model.trainable_weights)
+        assert sorted(map(np.prod, torch_shapes)) == sorted(map(np.prod, keras_shapes))
+    assert torch_count(MNIST1DConvNet()) == 25322
+    logits = MNIST1DConvNet()(torch.zeros(3, data.SIGNAL_LENGTH))
+    assert tuple(logits.shape) == (3, data.NUM_CLASSES)
+
+
+# --------------------------------------------------------------------------------------------
+# Real sweeps under horovodrun -np 2 (Gloo)
+# --------------------------------------------------------------------------------------------
+def run_bench(argv, cache_dir, timeout=600):
+    env = {**os.environ, "HVD_LB_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, "-m", "hvd_largebatch", "bench", *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("framework,methods", [("torch", "sgd,lars"), ("keras", "goyal,lamb")])
+def test_tiny_sweep_writes_every_output_and_a_rerun_keeps_finished_cells(framework, methods, tmp_path, cache_dir):
+    out = tmp_path / "results"
+    argv = ["--framework", framework, "--methods", methods, "--batch-sizes", "64,256", "--epochs", "1",
+            "--train-size", str(TINY.train_size), "--test-size", str(TINY.test_size), "--workers", "2",
+            "--out", str(out)]
+    proc = run_bench(argv, cache_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, second = methods.split(",")
+    # Progress from rank 0 only: one header per cell, one line per epoch, no other rank's output.
+    for index, (method, batch) in enumerate([(first, 64), (first, 256), (second, 64), (second, 256)], start=1):
+        assert f"[{index}/4] {framework} {method:<6} batch {batch:>5}" in proc.stdout
+    assert proc.stdout.count("    epoch   1/1 ") == 4
+    assert "[1]<" not in proc.stdout and "<stdout>" not in proc.stdout
+
+    stored = json.loads((out / "results.json").read_text())
+    assert len(stored["cells"]) == 4 and stored["settings"]["epochs"] == 1
+    for record in stored["cells"]:
+        result = record["result"]
+        assert 0.0 <= result["test_accuracy"] <= 1.0 and result["seconds"] > 0
+        assert len(result["history"]) == 1 and record["plan"]["world_size"] == 2
+        assert record["plan"]["framework"] == framework
+    with open(out / "results.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert sorted((r["method"], int(r["global_batch"])) for r in rows) == sorted(
+        (m, b) for m in (first, second) for b in (64, 256)
+    )
+    table = (out / "table.md").read_text()
+    assert f"## {framework}: test accuracy (%) after 1 epoch" in table
+    assert f"| {first} |" in table and "| method | 64 | 256 |" in table
+    assert table.strip() in proc.stdout.replace("\r", "")
+    assert (out / "accuracy_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
+    assert "test acc" in (out / "sweep.log").read_text()
+
+    # The same command again: every cell is finished, nothing is launched, the reports are rewritten.
+    again = run_bench(argv, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 cells (4 already finished)" in again.stdout and "launching" not in again.stdout
+    assert json.loads((out / "results.json").read_text())["cells"] == stored["cells"]
+
+
+def test_a_failing_cell_stops_the_sweep_naming_it_and_keeps_finished_cells(tmp_path, cache_env, capsys):
+    sweep = settings()
+    good = bench.plan_sweep("torch", ["sgd"], [64], sweep)[0]
+    # A plan made for 3 workers cannot run on 2: the runner raises on both ranks.
+    bad = recipes.plan_cell(recipes.METHODS["lars"], framework="torch", global_batch=96, world_size=3, epochs=1,
+                            train_size=TINY.train_size, seed=0)
+    status = bench.launch_sweep("torch", [good, bad], sweep, tmp_path, echo=print)
+    captured = capsys.readouterr()
+    assert status == 1
+    assert (
+        "hvd-largebatch bench: stopped: cell torch lars batch 96 failed on rank 0: ValueError: "
+        "plan.world_size=3 but Horovod runs 2 processes" in captured.err
+    )
+    assert "1 finished cell(s) are kept" in captured.err and "rerun the same command to resume" in captured.err
+    assert [r["key"] for r in ResultsStore(tmp_path).records] == ["torch:sgd:64"]
+    assert (tmp_path / "table.md").exists() and (tmp_path / "results.csv").exists()
