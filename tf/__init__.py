@@ -6,16 +6,48 @@ Optimizers (``keras.optimizers.Optimizer`` subclasses, serialisable):
 :func:`create_optimizer`.
 
 Horovod glue (uses only ``horovod.tensorflow`` ops, imported when first
-needed): :class:`DistributedOptimizer`, the :mod:`callbacks` module
-(broadcast, metric averaging, per-batch LR from a core schedule) and
-:class:`CLARSModel` (per-example gradient norms for CLARS under ``model.fit``).
-:class:`ScheduleAdapter` turns a core :class:`hvd_largebatch.schedules.Schedule`
-into a Keras ``LearningRateSchedule``.
+needed): :class:`DistributedOptimizer`, the :mod:`~hvd_largebatch.tf.callbacks`
+module (broadcast, metric averaging, per-batch LR from a core schedule with
+momentum correction) and :class:`CLARSModel` (per-example gradient norms for
+CLARS under ``model.fit``). :class:`ScheduleAdapter` turns a core
+:class:`hvd_largebatch.schedules.Schedule` into a Keras ``LearningRateSchedule``.
+
+Example (run with ``horovodrun -np 2 -H localhost:2 python train.py``)::
+
+    import keras, horovod.tensorflow as hvd
+    from hvd_largebatch import schedules
+    from hvd_largebatch.tf import LARS, DistributedOptimizer, callbacks
+    hvd.init()
+    opt = DistributedOptimizer(LARS(learning_rate=0.1, momentum=0.9, weight_decay=5e-4))
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    sched = schedules.goyal(0.1, 256, per_worker_batch * hvd.size(), steps_per_epoch)
+    model.fit(x_shard, y_shard, batch_size=per_worker_batch, epochs=90,
+              callbacks=[callbacks.BroadcastGlobalVariablesCallback(0),
+                         callbacks.MetricAverageCallback(),
+                         callbacks.GradualWarmupCallback(sched)],
+              verbose=1 if hvd.rank() == 0 else 0)
 """
 
+from hvd_largebatch.tf import callbacks
+from hvd_largebatch.tf.clars_model import CLARSModel
+from hvd_largebatch.tf.distributed import DistributedOptimizer
 from hvd_largebatch.tf.lamb import LAMB
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS, LARS, SGD
 from hvd_largebatch.tf.optimizer_factory import create_optimizer
+from hvd_largebatch.tf.per_example_norms import per_example_grad_norm_sums
+from hvd_largebatch.tf.schedule_adapter import ScheduleAdapter
 
-__all__ = ["SGD", "LARS", "CLARS", "LAMB", "LargeBatchOptimizer", "create_optimizer"]
+__all__ = [
+    "SGD",
+    "LARS",
+    "CLARS",
+    "LAMB",
+    "LargeBatchOptimizer",
+    "create_optimizer",
+    "DistributedOptimizer",
+    "callbacks",
+    "CLARSModel",
+    "per_example_grad_norm_sums",
+    "ScheduleAdapter",
+]

@@ -10,7 +10,7 @@ from keras import ops
 
 from hvd_largebatch import config
 from hvd_largebatch.tf import update_rules
-from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
+from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer, tensor_of
 
 __all__ = ["LAMB"]
 
@@ -35,9 +35,10 @@ class LAMB(LargeBatchOptimizer):
         decoupled; biases and normalisation parameters are excluded from
         decay and adaptation by default; a step with non-finite gradients is
         skipped (``t`` counts applied steps only, ``iterations`` counts all).
-        The bias corrections are folded into two scalars (see
+        The slots hold ``mu / (1 - b1)`` and ``nu / (1 - b2)`` and the bias
+        corrections are folded into two scalars (see
         :func:`hvd_largebatch.tf.update_rules.lamb_bias_corrections`), which
-        changes nothing but rounding.
+        saves passes over memory and changes nothing but rounding.
 
     Args:
         learning_rate: ``gamma``: a number, a ``LearningRateSchedule`` or a callable.
@@ -49,6 +50,8 @@ class LAMB(LargeBatchOptimizer):
             rule: ``ndim <= 1`` or a path matching bias/bn/batchnorm/norm), False,
             regex(es) on ``variable.path``, or a callable ``(path, shape) -> bool``.
         nonfinite: ``"skip"`` (default) or ``"raise"``.
+        fused: norms with TensorFlow's single-pass kernel (default; see
+            :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...).
 
@@ -74,6 +77,7 @@ class LAMB(LargeBatchOptimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         nonfinite: str = _LAMB.nonfinite,
+        fused: bool = True,
         name: str = "lamb",
         **kwargs: Any,
     ):
@@ -83,6 +87,7 @@ class LAMB(LargeBatchOptimizer):
             exclude_from_weight_decay=exclude_from_weight_decay,
             exclude_from_layer_adaptation=exclude_from_layer_adaptation,
             nonfinite=nonfinite,
+            fused=fused,
             name=name,
             **kwargs,
         )
@@ -92,6 +97,7 @@ class LAMB(LargeBatchOptimizer):
         self.epsilon = cfg.eps
 
     def _build_slots(self, variables: Sequence[Any]) -> None:
+        # M = mu / (1 - b1) and N = nu / (1 - b2): see update_rules.lamb_moments.
         self.first_moments, self.second_moments = self.add_optimizer_variables(
             variables, ["first_moment", "second_moment"]
         )
@@ -103,29 +109,33 @@ class LAMB(LargeBatchOptimizer):
         # t counts applied updates: apply() calls so far, minus the skipped ones, plus this one.
         step = ops.cast(self.iterations - self.skipped_steps + 1, sd)
         scale, scaled_eps = update_rules.lamb_bias_corrections(
-            step, ops.cast(cfg.beta1, sd), ops.cast(cfg.beta2, sd), ops.cast(cfg.eps, sd)
+            step, tensor_of(cfg.beta1, sd), tensor_of(cfg.beta2, sd), tensor_of(cfg.eps, sd)
         )
-        decay_over_scale = ops.cast(cfg.weight_decay, sd) / scale
+        decay_over_scale = tensor_of(cfg.weight_decay, sd) / scale
 
         def apply_all():
             directions, w_sq, u_sq = [], [], []
             zero = ops.zeros((), dtype=sd)
             for g, w, i in zip(grads, variables, indices):
                 dtype = w.dtype
-                mu, nu = self.first_moments[i], self.second_moments[i]
-                self.assign_add(mu, (g - mu) * ops.cast(1.0 - cfg.beta1, dtype))
-                self.assign_add(nu, (ops.square(g) - nu) * ops.cast(1.0 - cfg.beta2, dtype))
+                first, second = self.first_moments[i], self.second_moments[i]
+                new_first, new_second = update_rules.lamb_moments(
+                    first, second, g, tensor_of(cfg.beta1, dtype), tensor_of(cfg.beta2, dtype)
+                )
+                # Assign, then read the slots back: the new values are never copied.
+                self.assign(first, new_first)
+                self.assign(second, new_second)
                 direction = update_rules.lamb_direction(
-                    mu,
-                    nu,
+                    first,
+                    second,
                     w,
                     ops.cast(scaled_eps, dtype),
                     ops.cast(decay_over_scale, dtype) if self._decay[i] else None,
                 )
                 directions.append(direction)
-                w_sq.append(ops.vdot(w, w) if self._adapt[i] else zero)
-                u_sq.append(ops.vdot(direction, direction) if self._adapt[i] else zero)
-            # ||u|| = scale * ||direction||; tensors not adapted get ratio 1.
+                w_sq.append(self._squared_norm(w) if self._adapt[i] else zero)
+                u_sq.append(self._squared_norm(direction) if self._adapt[i] else zero)
+            # ||u|| = A * ||direction||; tensors not adapted get ratio 1.
             ratios = update_rules.trust_ratio(
                 ops.sqrt(self._stack_scalars(w_sq)), scale * ops.sqrt(self._stack_scalars(u_sq))
             )

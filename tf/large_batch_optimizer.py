@@ -17,7 +17,10 @@ It holds what every rule shares and leaves the arithmetic to
   Under ``DistributedOptimizer`` the gradients are averaged before the
   optimizer sees them, so every rank takes the same decision;
 * ``prev_learning_rate``, the LR of the last applied step, kept as an
-  optimizer variable so that momentum correction survives save and load.
+  optimizer variable so that momentum correction survives save and load;
+* ``fused``: whether norms and the momentum step use TensorFlow's
+  single-pass kernels (:mod:`hvd_largebatch.tf.fused_kernels`, the default)
+  or ``keras.ops`` alone (:mod:`hvd_largebatch.tf.update_rules`); same math.
 
 The update is done for all variables at once in :meth:`_backend_update_step`
 (one traced function over every tensor: per-step scalars are computed on
@@ -36,8 +39,9 @@ import tensorflow as tf
 from keras import ops
 
 from hvd_largebatch import config
+from hvd_largebatch.tf import fused_kernels, update_rules
 
-__all__ = ["LargeBatchOptimizer", "KERAS_TO_CORE_NAMES", "tensor_path"]
+__all__ = ["LargeBatchOptimizer", "KERAS_TO_CORE_NAMES", "tensor_path", "tensor_of"]
 
 #: Keras argument names and the names of the same fields in hvd_largebatch.config.
 KERAS_TO_CORE_NAMES = {"learning_rate": "lr", "epsilon": "eps", "beta_1": "beta1", "beta_2": "beta2"}
@@ -47,6 +51,17 @@ _CORE_TO_KERAS_NAMES = {core: keras_name for keras_name, core in KERAS_TO_CORE_N
 def tensor_path(variable: Any) -> str:
     """The full path the exclusion rules match on (``variable.path``, else its name)."""
     return str(getattr(variable, "path", None) or variable.name)
+
+
+def tensor_of(value: Any, dtype: str) -> Any:
+    """``value`` as a tensor of ``dtype``, converted directly.
+
+    ``keras.ops.cast(0.9, "float64")`` goes through float32 (Keras turns a
+    Python float into a float32 tensor first) and is off by 2e-8; this is not.
+    """
+    if ops.is_tensor(value) or isinstance(value, keras.Variable):
+        return ops.cast(value, dtype)
+    return ops.convert_to_tensor(value, dtype=dtype)
 
 
 def _in_keras_spelling(error: ValueError) -> ValueError:
@@ -73,6 +88,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         weight_decay: the coupled weight decay ``beta`` (not Keras's decoupled one).
         weight_decay_exclusion, layer_adaptation_exclusion: the two
             :class:`hvd_largebatch.config.ExclusionRule`.
+        fused: whether TensorFlow's single-pass kernels do the norms and the momentum step.
         prev_learning_rate: variable, the LR of the last applied step (0 before the first).
         skipped_steps: variable, the number of steps skipped for non-finite gradients.
     """
@@ -89,9 +105,11 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         nonfinite: str = "skip",
+        fused: bool = True,
         name: str | None = None,
         **kwargs: Any,
     ):
+        config.check_bool("fused", fused)
         core_fields = {KERAS_TO_CORE_NAMES.get(k, k): v for k, v in hyperparameters.items()}
         if _is_number(learning_rate):
             core_fields["lr"] = learning_rate
@@ -115,6 +133,8 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         self.core_config = core_config
         self.weight_decay = core_config.weight_decay
         self.nonfinite = core_config.nonfinite
+        self.fused = fused
+        self._squared_norm = fused_kernels.squared_norm if fused else update_rules.squared_norm
         self.weight_decay_exclusion = config.resolve_exclusion(exclude_from_weight_decay, "exclude_from_weight_decay")
         self.layer_adaptation_exclusion = config.resolve_exclusion(
             exclude_from_layer_adaptation, "exclude_from_layer_adaptation"
@@ -234,6 +254,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         cfg.update(self._keras_hyperparameters())
         cfg["weight_decay"] = self.weight_decay
         cfg["nonfinite"] = self.nonfinite
+        cfg["fused"] = self.fused
         cfg["exclude_from_weight_decay"] = self.weight_decay_exclusion.to_config()
         if self.has_layer_adaptation:
             cfg["exclude_from_layer_adaptation"] = self.layer_adaptation_exclusion.to_config()

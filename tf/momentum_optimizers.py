@@ -25,8 +25,8 @@ import tensorflow as tf
 from keras import ops
 
 from hvd_largebatch import config
-from hvd_largebatch.tf import update_rules
-from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
+from hvd_largebatch.tf import fused_kernels, update_rules
+from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer, tensor_of
 
 __all__ = ["SGD", "LARS", "CLARS"]
 
@@ -36,10 +36,14 @@ _CLARS = config.CLARSConfig()
 
 
 class _MomentumRule(LargeBatchOptimizer):
-    """The shared "LR inside the velocity" step; subclasses define :meth:`_rates`."""
+    """The shared "LR inside the velocity" step; subclasses define :meth:`_rates`.
+
+    The slot ``momentums[i]`` holds ``m = -v`` (Keras's sign, as
+    ``keras.optimizers.SGD``), so the weight step is ``w = w + m``.
+    """
 
     def _build_slots(self, variables: Sequence[Any]) -> None:
-        self.velocities = self.add_optimizer_variables(variables, "velocity")
+        self.momentums = self.add_optimizer_variables(variables, "momentum")
 
     def _rates(self, grads, variables, indices, lr):
         """Per-tensor rates (a vector over ``variables``) and the finiteness flag of the step."""
@@ -56,19 +60,20 @@ class _MomentumRule(LargeBatchOptimizer):
             rate_list = ops.unstack(rates)
             for g, w, i, rate in zip(grads, variables, indices, rate_list):
                 dtype = w.dtype
-                v = self.velocities[i]
-                new_v, step = update_rules.momentum_tensor_update(
-                    w,
-                    v,
-                    g,
-                    ops.cast(rate, dtype),
-                    ops.cast(velocity_factor, dtype),
-                    momentum=ops.cast(cfg.momentum, dtype),
-                    weight_decay=ops.cast(cfg.weight_decay, dtype) if self._decay[i] else None,
-                    nesterov=cfg.nesterov,
+                m = self.momentums[i]
+                rate, factor = ops.cast(rate, dtype), ops.cast(velocity_factor, dtype)
+                d = update_rules.decayed_gradient(
+                    g, w, tensor_of(cfg.weight_decay, dtype) if self._decay[i] else None
                 )
-                self.assign(v, new_v)
-                self.assign_sub(w, step)
+                if self.fused and not cfg.nesterov:
+                    fused_kernels.apply_momentum(w, m, d, rate, factor)
+                    continue
+                # Assign the slot, then read it back: the new value is never copied.
+                self.assign(m, update_rules.momentum_buffer(m, d, rate, factor))
+                if cfg.nesterov:
+                    self.assign_add(w, update_rules.nesterov_weight_step(m, d, rate, tensor_of(cfg.momentum, dtype)))
+                else:
+                    self.assign_add(w, m)
 
         self._guarded(finite, apply_all, lr)
 
@@ -103,6 +108,8 @@ class SGD(_MomentumRule):
             ``ndim <= 1`` or a path matching bias/bn/batchnorm/norm), False, regex(es)
             on ``variable.path``, or a callable ``(path, shape) -> bool``.
         nonfinite: ``"skip"`` (default: skip and count the step) or ``"raise"``.
+        fused: do the momentum step with TensorFlow's single-pass kernel
+            (default; see :mod:`hvd_largebatch.tf.fused_kernels`) or with ``keras.ops`` alone.
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...),
             except ``weight_decay``'s decoupled meaning.
@@ -129,6 +136,7 @@ class SGD(_MomentumRule):
         momentum_correction: bool = _SGD.momentum_correction,
         exclude_from_weight_decay: config.ExclusionSpec = None,
         nonfinite: str = _SGD.nonfinite,
+        fused: bool = True,
         name: str = "sgd",
         **kwargs: Any,
     ):
@@ -137,6 +145,7 @@ class SGD(_MomentumRule):
             dict(momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, momentum_correction=momentum_correction),
             exclude_from_weight_decay=exclude_from_weight_decay,
             nonfinite=nonfinite,
+            fused=fused,
             name=name,
             **kwargs,
         )
@@ -188,6 +197,8 @@ class LARS(_MomentumRule):
             regex(es) on ``variable.path`` or a callable ``(path, shape) -> bool``.
         exclude_from_layer_adaptation: tensors without the trust ratio, same forms.
         nonfinite: ``"skip"`` (default) or ``"raise"``.
+        fused: norms and momentum step with TensorFlow's single-pass kernels
+            (default; see :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...).
 
@@ -216,6 +227,7 @@ class LARS(_MomentumRule):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         nonfinite: str = _LARS.nonfinite,
+        fused: bool = True,
         name: str = "lars",
         **kwargs: Any,
     ):
@@ -235,6 +247,7 @@ class LARS(_MomentumRule):
             exclude_from_weight_decay=exclude_from_weight_decay,
             exclude_from_layer_adaptation=exclude_from_layer_adaptation,
             nonfinite=nonfinite,
+            fused=fused,
             name=name,
             **kwargs,
         )
@@ -260,7 +273,7 @@ class LARS(_MomentumRule):
     def _norms_of_weights(self, variables, indices):
         zero = ops.zeros((), dtype=self._scalar_dtype)
         return ops.sqrt(
-            self._stack_scalars([ops.vdot(w, w) if self._adapt[i] else zero for w, i in zip(variables, indices)])
+            self._stack_scalars([self._squared_norm(w) if self._adapt[i] else zero for w, i in zip(variables, indices)])
         )
 
     def _local_rates(self, lr, w_norm, g_norm, indices):
@@ -269,9 +282,9 @@ class LARS(_MomentumRule):
             lr,
             w_norm,
             g_norm,
-            trust_coefficient=ops.cast(cfg.trust_coefficient, self._scalar_dtype),
+            trust_coefficient=tensor_of(cfg.trust_coefficient, self._scalar_dtype),
             weight_decay=self._weight_decay_vector(indices),
-            eps=ops.cast(cfg.eps, self._scalar_dtype),
+            eps=tensor_of(cfg.eps, self._scalar_dtype),
             adapt=self._adapt_vector(indices),
             clip=cfg.clip,
         )
@@ -279,7 +292,7 @@ class LARS(_MomentumRule):
     def _rates(self, grads, variables, indices, lr):
         # ||g||^2 for adapted tensors (needed anyway; also tells finiteness), sum(g) for the others.
         g_stats = self._stack_scalars(
-            [ops.vdot(g, g) if self._adapt[i] else ops.sum(g) for g, i in zip(grads, indices)]
+            [self._squared_norm(g) if self._adapt[i] else ops.sum(g) for g, i in zip(grads, indices)]
         )
         finite = self._all_finite(g_stats)
         adapt = self._adapt_vector(indices)
@@ -354,6 +367,7 @@ class CLARS(LARS):
         nonfinite: str = _CLARS.nonfinite,
         estimator: str = _CLARS.estimator,
         chunk_size: int = _CLARS.chunk_size,
+        fused: bool = True,
         name: str = "clars",
         **kwargs: Any,
     ):
@@ -370,6 +384,7 @@ class CLARS(LARS):
             exclude_from_weight_decay,
             exclude_from_layer_adaptation,
             nonfinite,
+            fused,
             name,
             **kwargs,
         )
@@ -395,7 +410,7 @@ class CLARS(LARS):
         """
         if not self.built:
             raise ValueError("build the optimizer (optimizer.build(variables)) before set_grad_norms()")
-        norms = ops.cast(ops.reshape(ops.convert_to_tensor(norms), (-1,)), self._scalar_dtype)
+        norms = ops.reshape(tensor_of(norms, self._scalar_dtype), (-1,))
         if norms.shape[0] is not None and norms.shape[0] != self.grad_norm_means.shape[0]:
             raise ValueError(
                 f"norms must have one entry per variable ({self.grad_norm_means.shape[0]}), got {norms.shape[0]}"

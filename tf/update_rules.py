@@ -6,8 +6,12 @@ it reads like the math contract. Per-step scalars (trust ratios, local
 rates) are computed for all tensors at once on vectors of length
 ``n_tensors``; the elementwise work is done per tensor.
 
-Every function uses only ``keras.ops`` and is traced once inside
-``model.fit``'s ``tf.function``.
+Sign convention: the momentum slot holds ``m = -v`` (Keras's convention, as
+``keras.optimizers.SGD``'s ``momentum`` slot), so the weight step is ``w += m``.
+
+Everything here uses ``keras.ops`` only. :mod:`hvd_largebatch.tf.fused_kernels`
+does two of these steps with TensorFlow's single-pass kernels (``fused=True``,
+the default); the tests check that both give the oracle's numbers.
 """
 
 from __future__ import annotations
@@ -15,13 +19,22 @@ from __future__ import annotations
 from keras import ops
 
 __all__ = [
+    "squared_norm",
     "trust_ratio",
     "lars_local_rates",
     "momentum_coefficient",
-    "momentum_tensor_update",
+    "decayed_gradient",
+    "momentum_buffer",
+    "nesterov_weight_step",
     "lamb_bias_corrections",
+    "lamb_moments",
     "lamb_direction",
 ]
+
+
+def squared_norm(x):
+    """``||x||^2`` (two passes: square, then sum)."""
+    return ops.sum(ops.square(x))
 
 
 def trust_ratio(num, den):
@@ -69,66 +82,80 @@ def lars_local_rates(lr, w_norm, g_norm, *, trust_coefficient, weight_decay, eps
 
 
 def momentum_coefficient(momentum, lr, prev_lr, correction: bool):
-    """The factor applied to the velocity before adding the new step.
+    """The factor ``c`` applied to the velocity before adding the new step.
 
     With momentum correction (Goyal et al. 2017, section 2.2) the velocity,
-    which holds the LR, is first rescaled by ``gamma_t / gamma_prev``:
-    ``v <- m * (gamma_t / gamma_prev) * v + ...``; skipped when
-    ``gamma_prev == 0`` (also the value before the first step).
+    which holds the LR, is first rescaled by ``gamma_t / gamma_prev``, so
+    ``c = m * gamma_t / gamma_prev``; without it, or when
+    ``gamma_prev == 0`` (also the value before the first step), ``c = m``.
     """
     if not correction:
-        return ops.cast(momentum, lr.dtype)
+        return ops.convert_to_tensor(momentum, dtype=lr.dtype)
     usable = ops.not_equal(prev_lr, 0)
     safe_prev = ops.where(usable, prev_lr, ops.ones_like(prev_lr))
     return momentum * ops.where(usable, lr / safe_prev, ops.ones_like(lr))
 
 
-def momentum_tensor_update(w, v, g, rate, velocity_factor, *, momentum, weight_decay, nesterov):
-    """One tensor of the "LR inside the velocity" momentum step.
+def decayed_gradient(g, w, weight_decay):
+    """``d = g + beta * w``; ``weight_decay`` is None where decay does not apply."""
+    return g if weight_decay is None else g + weight_decay * w
 
-    Math (ALGORITHMS.md, SGD and LARS):
-        d = g + beta * w                     (``weight_decay`` is None when decay does not apply)
-        v = c * v + rate * d                 (c = ``velocity_factor``: m, times the LR ratio with correction)
-        w = w - v                            (Nesterov: w = w - (m * v + rate * d))
 
-    Returns:
-        ``(new_velocity, weight_step)``; the caller assigns ``v = new_velocity``
-        and ``w = w - weight_step``.
+def momentum_buffer(m, d, rate, velocity_factor):
+    """The new momentum slot ``m = -v`` of the "LR inside the velocity" step.
+
+    Math (ALGORITHMS.md, SGD and LARS), with ``c`` from :func:`momentum_coefficient`:
+        v = c * v + rate * d       i.e.   m = c * m - rate * d
+        w = w - v                  i.e.   w = w + m
     """
-    d = g if weight_decay is None else g + weight_decay * w
-    step = rate * d
-    new_v = velocity_factor * v + step
-    if nesterov:
-        return new_v, momentum * new_v + step
-    return new_v, new_v
+    return velocity_factor * m - rate * d
+
+
+def nesterov_weight_step(m, d, rate, momentum):
+    """Nesterov's weight increment from the *new* slot: ``w = w - (m_plain * v + rate * d) = w + (mu * m - rate * d)``."""
+    return momentum * m - rate * d
 
 
 def lamb_bias_corrections(step, beta_1, beta_2, eps):
-    """Folds LAMB's bias corrections into two scalars.
+    """Folds LAMB's bias corrections and the slot scaling into two scalars.
 
-    With ``c1 = 1 / (1 - b1^t)`` and ``c2 = 1 / (1 - b2^t)``,
-    ``mh / (sqrt(nh) + eps) = a * mu / (sqrt(nu) + e)`` where
-    ``a = c1 / sqrt(c2)`` and ``e = eps / sqrt(c2)``: two scalars per step
-    instead of two tensor-sized divisions per tensor.
+    The slots hold ``M = mu / (1 - b1)`` and ``N = nu / (1 - b2)`` (see
+    :func:`lamb_moments`). With ``t`` the step,
+    ``mh / (sqrt(nh) + eps) = A * M / (sqrt(N) + e)`` where::
+
+        A = sqrt(1 - b2^t) / (1 - b1^t) * (1 - b1) / sqrt(1 - b2)
+        e = eps * sqrt(1 - b2^t) / sqrt(1 - b2)
+
+    two scalars per step instead of four tensor-sized passes per tensor.
 
     Returns:
-        ``(a, e)``.
+        ``(A, e)``.
     """
-    c1 = 1.0 / (1.0 - ops.power(beta_1, step))
-    sqrt_c2 = ops.sqrt(1.0 / (1.0 - ops.power(beta_2, step)))
-    return c1 / sqrt_c2, eps / sqrt_c2
+    sqrt_1_minus_b2t = ops.sqrt(1.0 - ops.power(beta_2, step))
+    sqrt_1_minus_b2 = ops.sqrt(1.0 - beta_2)
+    scale = sqrt_1_minus_b2t / (1.0 - ops.power(beta_1, step)) * (1.0 - beta_1) / sqrt_1_minus_b2
+    return scale, eps * sqrt_1_minus_b2t / sqrt_1_minus_b2
 
 
-def lamb_direction(mu, nu, w, scaled_eps, decay_over_scale):
-    """LAMB's update direction, divided by the bias-correction scalar ``a``.
+def lamb_moments(first, second, g, beta_1, beta_2):
+    """The new slots ``M = b1 * M + g`` and ``N = b2 * N + g * g``.
 
-    Math (ALGORITHMS.md, LAMB), with ``a``, ``e`` from
-    :func:`lamb_bias_corrections`:
-        u / a = mu / (sqrt(nu) + e) + (beta / a) * w       (beta term only if decay)
-
-    ``decay_over_scale`` is ``beta / a``, or None when decay does not apply.
+    They are LAMB's moments divided by constants, ``M = mu / (1 - b1)`` and
+    ``N = nu / (1 - b2)``, which satisfy ``mu = b1 * mu + (1 - b1) * g`` and
+    ``nu = b2 * nu + (1 - b2) * g^2`` with one multiplication fewer each.
     """
-    q = mu / (ops.sqrt(nu) + scaled_eps)
+    return beta_1 * first + g, beta_2 * second + ops.square(g)
+
+
+def lamb_direction(first, second, w, scaled_eps, decay_over_scale):
+    """LAMB's update direction divided by the scalar ``A`` of :func:`lamb_bias_corrections`.
+
+    Math (ALGORITHMS.md, LAMB):
+        u / A = M / (sqrt(N) + e) + (beta / A) * w       (beta term only if decay)
+
+    ``decay_over_scale`` is ``beta / A``, or None when decay does not apply.
+    """
+    q = first / (ops.sqrt(second) + scaled_eps)
     if decay_over_scale is None:
         return q
     return q + decay_over_scale * w

@@ -1,0 +1,20 @@
+"""Shared set-up of the Keras unit tests: quiet TensorFlow, float64 on request, a fixed seed."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def float64():
+    """Runs the test with ``keras.backend.floatx() == "float64"`` and restores the previous value."""
+    previous = keras.backend.floatx()
+    keras.backend.set_floatx("float64")
+    keras.utils.set_random_seed(0)
+    try:
+        yield
+    finally:
+        keras.backend.set_floatx(previous)

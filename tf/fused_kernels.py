@@ -1,0 +1,49 @@
+"""TensorFlow's single-pass kernels for two steps of the update (the optimizers' ``fused=True`` path).
+
+TensorFlow executes ``keras.ops`` elementwise operations one kernel at a
+time, each a full pass over memory with a new output buffer; on ResNet-50's
+shapes that makes LARS with ``keras.ops`` alone about 1.5x (no weight decay)
+to 2x (with) the time of ``keras.optimizers.SGD``. Two kernels that TensorFlow
+already ships remove most of the difference (``benchmarks/keras_optimizers.py``):
+
+* ``tf.nn.l2_loss``: ``sum(x^2) / 2`` in one read (``keras.ops`` has
+  ``sum(square(x))``, two passes and a temporary, or ``vdot``, a slow MatMul);
+* ``ResourceApplyKerasMomentum``: ``m = c * m - rate * d; w = w + m`` in one
+  in-place pass over ``w``, ``m`` and ``d``: exactly the momentum step of
+  :func:`hvd_largebatch.tf.update_rules.momentum_buffer`.
+
+The ``keras.ops`` forms in :mod:`hvd_largebatch.tf.update_rules` are the
+definition (``fused=False``); the tests check both against the float64 oracle.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+__all__ = ["squared_norm", "apply_momentum"]
+
+
+def squared_norm(x):
+    """``||x||^2`` in one pass (``2 * tf.nn.l2_loss(x)``; the factor 2 is exact)."""
+    return 2.0 * tf.nn.l2_loss(x)
+
+
+def apply_momentum(variable, momentum_slot, d, rate, velocity_factor) -> None:
+    """In place: ``m = c * m - rate * d`` then ``w = w + m`` (no Nesterov), one kernel.
+
+    Args:
+        variable: the weight (a Keras variable).
+        momentum_slot: its momentum slot ``m = -v`` (a Keras variable).
+        d: the decayed gradient.
+        rate: this tensor's rate (scalar, the variable's dtype).
+        velocity_factor: ``c`` (scalar, the variable's dtype).
+    """
+    tf.raw_ops.ResourceApplyKerasMomentum(
+        var=variable.handle,
+        accum=momentum_slot.handle,
+        lr=rate,
+        grad=d,
+        momentum=velocity_factor,
+        use_locking=False,
+        use_nesterov=False,
+    )

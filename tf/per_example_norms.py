@@ -1,0 +1,138 @@
+"""Per-example gradient norms for CLARS, in TensorFlow: the ``exact`` and ``microbatch:k`` estimators.
+
+CLARS (ALGORITHMS.md) needs, for every parameter tensor ``l``, the mean over
+the global batch of the per-example gradient norms,
+``s_l = (1/B) sum_i ||grad_l f_i(w)||``. Each worker computes the *sum* of
+the norms over its local examples and their count; one small allreduce
+(``n_tensors + 1`` numbers) then gives the global mean.
+
+* ``exact``: true per-example gradients, ``tf.vectorized_map`` of a
+  one-example gradient over chunks of ``chunk_size`` examples (a
+  ``tf.while_loop`` over the chunks), so that at most ``chunk_size``
+  per-example gradients exist at once;
+* ``microbatch:k``: the batch split into ``k`` contiguous micro-batches
+  (sizes as ``numpy.array_split``); each contributes the norm of its
+  mean-loss gradient, and ``s`` is the mean of these ``k`` norms. With
+  ``k`` equal to the batch size it is ``exact``.
+
+The functions take a ``loss_of_batch(x, y) -> scalar mean loss`` so that
+they know nothing of Keras; :class:`hvd_largebatch.tf.CLARSModel` supplies one
+that runs the model in inference mode (see there for BatchNorm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from hvd_largebatch import config
+
+__all__ = ["per_example_grad_norm_sums", "norm_dtype"]
+
+LossOfBatch = Callable[[Any, Any], Any]
+
+
+def norm_dtype(variables: Sequence[Any]) -> tf.DType:
+    """float64 when any variable is float64, else float32: the dtype of the norm vectors."""
+    return tf.float64 if any(tf.as_dtype(v.dtype) == tf.float64 for v in variables) else tf.float32
+
+
+def _gradient_norms(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any, y: Any, dtype: tf.DType):
+    """The vector of ``||grad_l loss(x, y)||`` over the variables (0 where a variable gets no gradient)."""
+    with tf.GradientTape() as tape:
+        loss = loss_of_batch(x, y)
+    grads = tape.gradient(loss, list(variables))
+    zero = tf.zeros((), dtype=dtype)
+    return tf.stack([zero if g is None else tf.cast(tf.norm(tf.convert_to_tensor(g)), dtype) for g in grads])
+
+
+def _batch_size(x: Any) -> tf.Tensor:
+    return tf.shape(tf.nest.flatten(x)[0], out_type=tf.int32)[0]
+
+
+def _rows(structure: Any, start, stop) -> Any:
+    return tf.nest.map_structure(lambda t: t[start:stop], structure)
+
+
+def exact_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any, y: Any, chunk_size: int):
+    """``(sum_i ||grad_l f_i||  per tensor, B)`` from true per-example gradients, ``chunk_size`` at a time."""
+    dtype = norm_dtype(variables)
+    batch = _batch_size(x)
+
+    def one_example(example):
+        xi, yi = example
+        add_batch_axis = lambda t: tf.expand_dims(t, 0)  # noqa: E731 - the model expects a batch axis
+        return _gradient_norms(
+            loss_of_batch, variables, tf.nest.map_structure(add_batch_axis, xi), add_batch_axis(yi), dtype
+        )
+
+    def body(start, total):
+        stop = tf.minimum(start + chunk_size, batch)
+        norms = tf.vectorized_map(one_example, (_rows(x, start, stop), _rows(y, start, stop)))
+        return stop, total + tf.reduce_sum(norms, axis=0)
+
+    _, total = tf.while_loop(
+        lambda start, total: start < batch,
+        body,
+        (tf.constant(0, tf.int32), tf.zeros((len(variables),), dtype=dtype)),
+    )
+    return total, tf.cast(batch, dtype)
+
+
+def microbatch_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any, y: Any, microbatches: int):
+    """``(sum over micro-batches of ||grad_l mean loss||, number of micro-batches)``.
+
+    The batch is cut into ``min(k, B)`` contiguous parts whose sizes differ
+    by at most one, the larger ones first (as ``numpy.array_split``).
+    """
+    dtype = norm_dtype(variables)
+    batch = _batch_size(x)
+    parts = tf.minimum(tf.constant(microbatches, tf.int32), batch)
+    base, extra = batch // parts, batch % parts
+
+    def body(j, total):
+        start = j * base + tf.minimum(j, extra)
+        stop = start + base + tf.cast(j < extra, tf.int32)
+        return j + 1, total + _gradient_norms(loss_of_batch, variables, _rows(x, start, stop), _rows(y, start, stop), dtype)
+
+    _, total = tf.while_loop(
+        lambda j, total: j < parts,
+        body,
+        (tf.constant(0, tf.int32), tf.zeros((len(variables),), dtype=dtype)),
+    )
+    return total, tf.cast(parts, dtype)
+
+
+def per_example_grad_norm_sums(
+    loss_of_batch: LossOfBatch,
+    variables: Sequence[Any],
+    x: Any,
+    y: Any,
+    *,
+    estimator: str = "exact",
+    chunk_size: int = 32,
+):
+    """The local sums of per-example (or per-micro-batch) gradient norms, and their count.
+
+    Args:
+        loss_of_batch: ``(x, y) -> scalar``, the mean loss over the examples given.
+        variables: the tensors ``l`` (the optimizer's variables, in its order).
+        x, y: this worker's batch (``x`` may be a nested structure of tensors).
+        estimator: ``"exact"`` or ``"microbatch:k"``.
+        chunk_size: ``exact`` only, examples per vectorised chunk.
+
+    Returns:
+        ``(sums, count)``: a vector with one entry per variable and a scalar;
+        ``sums / count`` is the local ``s``. Sum both over workers before
+        dividing to get the global mean.
+
+    Raises:
+        ValueError: naming ``estimator`` or ``chunk_size``.
+    """
+    kind, microbatches = config.parse_estimator(estimator)
+    if kind == "exact":
+        chunk_size = config.check_positive_int("chunk_size", chunk_size)
+        return exact_norm_sums(loss_of_batch, variables, x, y, chunk_size)
+    return microbatch_norm_sums(loss_of_batch, variables, x, y, microbatches)
