@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvd_largebatch.config import ConAdvConfig
-from hvd_largebatch.torch_impl.dual_bn import auxiliary_bn, dual_bn_layers, plain_bn_layers
+from hvd_largebatch.torch_impl.dual_bn import auxiliary_bn, plain_bn_layers
 
 __all__ = ["ConAdv", "make_adversarial_examples", "lookahead"]
 
