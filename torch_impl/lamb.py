@@ -79,6 +79,7 @@ class LAMB(LargeBatchOptimizer):
         nonfinite: str = _D.nonfinite,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nonfinite=nonfinite, foreach=foreach)
+        self._workspace: dict = {}  # reused temporaries of the foreach path, never saved
         super().__init__(params, defaults, exclude_from_weight_decay, exclude_from_layer_adaptation)
 
     def _record_kwargs(self, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,6 +130,11 @@ class LAMB(LargeBatchOptimizer):
             adapt=[group[ADAPT_MASK][i] for i in work.positions],
             foreach=self._foreach(group),
             trust_ratios_out=ratios_out,
+            workspace=self._workspace,
         )
         for p, step in zip(work.params, steps):
             self.state[p]["step"] = step
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_workspace", {})

@@ -56,6 +56,7 @@ def lamb_update(
     adapt: Sequence[bool],
     foreach: bool = True,
     trust_ratios_out: list[torch.Tensor] | None = None,
+    workspace: dict | None = None,
 ) -> None:
     """Applies one LAMB update in place to ``params``, ``exp_avgs`` (``mu``) and ``exp_avg_sqs`` (``nu``).
 
@@ -74,6 +75,11 @@ def lamb_update(
         foreach: use the ``torch._foreach_*`` path.
         trust_ratios_out: None, or a list with one slot per tensor that
             receives each tensor's ``r`` as a 0-d tensor.
+        workspace: foreach path only: a dict the caller keeps between steps;
+            the chunk temporaries ``u`` then live in one reused buffer per
+            device and dtype (about one chunk, or the largest tensor)
+            instead of being allocated every step, which on a CPU costs
+            more than the arithmetic (page faults).
     """
     count = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(decay) == len(adapt) == count):
@@ -95,7 +101,7 @@ def lamb_update(
     for bucket in group_by_device_and_dtype(params):
         pick = lambda seq: [seq[i] for i in bucket]  # noqa: E731 - local selector
         _multi_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales),
-                      pick(eps_scaled), pick(decay), pick(adapt), trust_ratios_out, bucket, **kwargs)
+                      pick(eps_scaled), pick(decay), pick(adapt), trust_ratios_out, bucket, workspace, **kwargs)
 
 
 def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt,
@@ -104,9 +110,7 @@ def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, dec
     for i, (w, g, mu, nu) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         mu.lerp_(g, 1 - beta1)
         nu.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denominator = nu.sqrt().add_(eps_scaled[i])
-        u = mu.div(denominator)
-        del denominator
+        u = nu.sqrt().add_(eps_scaled[i]).reciprocal_().mul_(mu)
         scale = torch.tensor([scales[i]], dtype=w.dtype, device=w.device)
         if decay[i] and weight_decay != 0:
             u.addcmul_(w, (weight_decay / scale)[0])
@@ -124,8 +128,19 @@ def _uniform_or_list(values: list[float]) -> float | list[float]:
     return values[0] if all(v == values[0] for v in values) else values
 
 
+def _scratch(workspace: dict | None, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors shaped like ``like`` in the reused workspace buffer (uninitialised)."""
+    numels = [t.numel() for t in like]
+    total = sum(numels)
+    key = (like[0].device, like[0].dtype)
+    buffer = workspace.get(key)
+    if buffer is None or buffer.numel() < total:
+        buffer = workspace[key] = torch.empty(total, device=like[0].device, dtype=like[0].dtype)
+    return [view.view(t.shape) for view, t in zip(buffer[:total].split(numels), like)]
+
+
 def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt,
-                  trust_ratios_out, positions, *, lr, beta1, beta2, weight_decay) -> None:
+                  trust_ratios_out, positions, workspace, *, lr, beta1, beta2, weight_decay) -> None:
     device, dtype = params[0].device, params[0].dtype
     adapt_all = torch.tensor(list(adapt), dtype=torch.bool, device=device)
     scale_all = torch.tensor(scales, dtype=dtype, device=device)
@@ -135,10 +150,15 @@ def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, deca
         torch._foreach_lerp_(mu, g, 1 - beta1)
         torch._foreach_mul_(nu, beta2)
         torch._foreach_addcmul_(nu, g, g, value=1 - beta2)
-        denominators = torch._foreach_sqrt(nu)
-        torch._foreach_add_(denominators, _uniform_or_list(eps_scaled[chunk]))
-        u = torch._foreach_div(mu, denominators)
-        del denominators
+        if workspace is None:
+            u = torch._foreach_sqrt(nu)
+        else:
+            u = _scratch(workspace, nu)
+            torch._foreach_copy_(u, nu)
+            torch._foreach_sqrt_(u)
+        torch._foreach_add_(u, _uniform_or_list(eps_scaled[chunk]))  # u = sqrt(nu) + eps'
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, mu)  # u = mu / (sqrt(nu) + eps'), in place
         decayed = [i for i, applies in enumerate(decay[chunk]) if applies] if weight_decay != 0 else []
         if decayed:
             coefficients = (weight_decay / scale).unbind()
