@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from hvd_largebatch import config
-from hvd_largebatch.torch_impl.tensor_lists import group_by_device_and_dtype
+from hvd_largebatch.torch_impl.tensor_lists import group_by_device_and_dtype, tensor_norms
 
 __all__ = ["LargeBatchOptimizer", "GroupWork"]
 
@@ -254,7 +254,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             positions.append(i)
             params.append(p)
             grads.append(p.grad)
-        return GroupWork(positions, params, grads, _norms(grads, self._foreach(group)))
+        return GroupWork(positions, params, grads, tensor_norms(grads, self._foreach(group)))
 
     def _resolve_rate_norms(self, work: list[GroupWork]) -> None:
         """Fills ``rate_norms`` of each group (LARS: ``||g||``; CLARS: ``s``); SGD and LAMB need none."""
@@ -364,17 +364,6 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_last_trust_ratios", [])
         self.__dict__.setdefault("_decay_rule", config.resolve_exclusion(None))
         self.__dict__.setdefault("_adapt_rule", config.resolve_exclusion(None) if self.uses_adaptation else None)
-
-
-def _norms(tensors: list[torch.Tensor], foreach: bool) -> list[torch.Tensor]:
-    """``||t||`` of each tensor as 0-d tensors (``torch._foreach_norm`` per device/dtype bucket when ``foreach``)."""
-    if not foreach:
-        return [torch.linalg.vector_norm(t) for t in tensors]
-    norms: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for bucket in group_by_device_and_dtype(tensors):
-        for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket])):
-            norms[i] = norm
-    return norms
 
 
 def _all_finite(norm_lists: Iterable[list[torch.Tensor]]) -> bool:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CPU_CHUNK_NUMEL", "group_by_device_and_dtype", "cache_sized_chunks"]
+__all__ = ["CPU_CHUNK_NUMEL", "group_by_device_and_dtype", "cache_sized_chunks", "tensor_norms"]
 
 #: Elements per chunk on a CPU: 2**19 float32 values are 2 MiB per tensor
 #: list, so parameters, gradients, state and one temporary fit in L3 together.
@@ -60,3 +60,18 @@ def cache_sized_chunks(tensors: Sequence[torch.Tensor], chunk_numel: int | None 
         filled += numel
     chunks.append(slice(start, len(tensors)))
     return chunks
+
+
+def tensor_norms(tensors: Sequence[torch.Tensor], foreach: bool = True) -> list[torch.Tensor]:
+    """``||t||`` (L2 over the whole tensor) of each tensor as 0-d tensors on its device.
+
+    With ``foreach``, one ``torch._foreach_norm`` per device/dtype bucket (a
+    single read of every tensor); otherwise ``torch.linalg.vector_norm`` per tensor.
+    """
+    if not foreach:
+        return [torch.linalg.vector_norm(t) for t in tensors]
+    norms: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for bucket in group_by_device_and_dtype(tensors):
+        for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket])):
+            norms[i] = norm
+    return norms
