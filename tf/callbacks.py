@@ -170,6 +170,8 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         optimizer = self.model.optimizer
+        if not optimizer.built:  # Keras builds optimizers lazily; the slots must exist to be corrected
+            optimizer.build(self.model.trainable_variables)
         inner = innermost_optimizer(optimizer)
         if callable(getattr(inner, "_learning_rate", None)):
             raise ValueError(

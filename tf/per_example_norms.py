@@ -39,13 +39,19 @@ def norm_dtype(variables: Sequence[Any]) -> tf.DType:
     return tf.float64 if any(tf.as_dtype(v.dtype) == tf.float64 for v in variables) else tf.float32
 
 
-def _gradient_norms(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any, y: Any, dtype: tf.DType):
-    """The vector of ``||grad_l loss(x, y)||`` over the variables (0 where a variable gets no gradient)."""
+def _gradient_norm_list(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any, y: Any, dtype: tf.DType):
+    """``[||grad_l loss(x, y)||]`` over the variables (0 where a variable gets no gradient).
+
+    A list, not a stacked vector: under ``tf.vectorized_map`` with a dynamic
+    chunk of one example, pfor returns these scalars without their batch
+    axis, and a ``tf.stack`` of them inside the vectorised function fails.
+    """
     with tf.GradientTape() as tape:
         loss = loss_of_batch(x, y)
     grads = tape.gradient(loss, list(variables))
-    zero = tf.zeros((), dtype=dtype)
-    return tf.stack([zero if g is None else tf.cast(tf.norm(tf.convert_to_tensor(g)), dtype) for g in grads])
+    return [
+        tf.zeros((), dtype=dtype) if g is None else tf.cast(tf.norm(tf.convert_to_tensor(g)), dtype) for g in grads
+    ]
 
 
 def _batch_size(x: Any) -> tf.Tensor:
@@ -64,14 +70,15 @@ def exact_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any
     def one_example(example):
         xi, yi = example
         add_batch_axis = lambda t: tf.expand_dims(t, 0)  # noqa: E731 - the model expects a batch axis
-        return _gradient_norms(
+        return _gradient_norm_list(
             loss_of_batch, variables, tf.nest.map_structure(add_batch_axis, xi), add_batch_axis(yi), dtype
         )
 
     def body(start, total):
         stop = tf.minimum(start + chunk_size, batch)
         norms = tf.vectorized_map(one_example, (_rows(x, start, stop), _rows(y, start, stop)))
-        return stop, total + tf.reduce_sum(norms, axis=0)
+        # reshape: with a dynamic chunk of one example, pfor can return the norms without their batch axis.
+        return stop, total + tf.stack([tf.reduce_sum(tf.reshape(n, (-1,))) for n in norms])
 
     _, total = tf.while_loop(
         lambda start, total: start < batch,
@@ -95,7 +102,8 @@ def microbatch_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x
     def body(j, total):
         start = j * base + tf.minimum(j, extra)
         stop = start + base + tf.cast(j < extra, tf.int32)
-        return j + 1, total + _gradient_norms(loss_of_batch, variables, _rows(x, start, stop), _rows(y, start, stop), dtype)
+        norms = _gradient_norm_list(loss_of_batch, variables, _rows(x, start, stop), _rows(y, start, stop), dtype)
+        return j + 1, total + tf.stack(norms)
 
     _, total = tf.while_loop(
         lambda j, total: j < parts,

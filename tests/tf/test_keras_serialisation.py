@@ -1,0 +1,137 @@
+"""Serialisation of the Keras optimizers: config round trips, and save / load / resume continuing exactly.
+
+The resume test trains a small model with ``model.fit`` (``shuffle=False``)
+through an LR that changes every step and one non-finite step, saves with
+``model.save()``, reloads with ``keras.models.load_model()`` and checks that
+the continued run equals an uninterrupted one: optimizer slots, the previous
+LR of momentum correction, the skip counter and the iteration count must all
+survive.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from hvd_largebatch import schedules
+from hvd_largebatch.tf import CLARS, LAMB, LARS, SGD, CLARSModel, ScheduleAdapter, callbacks, create_optimizer
+
+SCHEDULE = schedules.make_schedule(0.05, 12, peak=0.2, warmup_steps=5, decay="cosine", end_lr=0.01)
+
+# (id, optimizer factory, LR source, wrap in CLARSModel)
+RESUME_CASES = [
+    ("sgd-callback", lambda lr: SGD(learning_rate=lr, weight_decay=1e-3, nesterov=True), "callback", False),
+    ("lars-adapter", lambda lr: LARS(learning_rate=lr, weight_decay=1e-3, trust_coefficient=0.02), "adapter", False),
+    ("larc-keras-ops", lambda lr: create_optimizer("larc", learning_rate=lr, fused=False), "callback", False),
+    ("lamb-adapter", lambda lr: LAMB(learning_rate=lr, weight_decay=1e-2), "adapter", False),
+    ("clars-callback", lambda lr: CLARS(learning_rate=lr, trust_coefficient=0.02, chunk_size=3), "callback", True),
+]
+
+
+def regression_model() -> keras.Model:
+    inputs = keras.Input((5,))
+    x = keras.layers.Dense(8, activation="tanh", name="dense")(inputs)
+    x = keras.layers.BatchNormalization(name="batch_normalization")(x)
+    outputs = keras.layers.Dense(2, name="head")(x)
+    return keras.Model(inputs, outputs, name="regression")
+
+
+def data():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(48, 5))
+    y = np.stack([x[:, 0] - 2 * x[:, 1], np.sin(x[:, 2])], axis=1)
+    y[20, 0] = np.nan  # batch 2 (of 6 per epoch) has a NaN target: NaN gradients, a skipped step
+    return x, y
+
+
+def compiled(case, model=None):
+    _, factory, lr_source, wrap = case
+    keras.utils.set_random_seed(7)
+    model = model or regression_model()
+    if wrap:
+        model = CLARSModel(model)
+    lr = ScheduleAdapter(SCHEDULE) if lr_source == "adapter" else 0.1
+    model.compile(optimizer=factory(lr), loss="mse", jit_compile=False)
+    return model
+
+
+def fit(model, case, epochs, initial_epoch=0):
+    x, y = data()
+    extra = [callbacks.LearningRateScheduleCallback(SCHEDULE)] if case[2] == "callback" else []
+    model.fit(x, y, batch_size=8, epochs=epochs, initial_epoch=initial_epoch, shuffle=False, verbose=0, callbacks=extra)
+
+
+def inner_optimizer(model):
+    return model.optimizer
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_save_load_and_resume_continue_exactly(float64, tmp_path, case):
+    straight = compiled(case)
+    fit(straight, case, epochs=2)
+
+    first = compiled(case)
+    fit(first, case, epochs=1)
+    optimizer = first.optimizer
+    assert int(optimizer.skipped_steps.numpy()) == 1  # the NaN target's step
+    path = tmp_path / "model.keras"
+    first.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.optimizer) is type(optimizer)
+    assert loaded.optimizer.get_config() == optimizer.get_config()
+    for saved, restored in zip(optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy(), err_msg=saved.path)
+    assert int(loaded.optimizer.skipped_steps.numpy()) == 1
+    assert float(loaded.optimizer.prev_learning_rate.numpy()) == float(optimizer.prev_learning_rate.numpy()) > 0
+
+    fit(loaded, case, epochs=2, initial_epoch=1)
+    assert int(loaded.optimizer.iterations.numpy()) == int(straight.optimizer.iterations.numpy()) == 12
+    assert int(loaded.optimizer.skipped_steps.numpy()) == 2
+    for a, b in zip(straight.variables, loaded.variables):
+        assert np.all(np.isfinite(b.numpy())), b.path
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-12, atol=1e-15, err_msg=b.path)
+
+
+CONFIG_CASES = [
+    SGD(learning_rate=0.3, momentum=0.8, weight_decay=1e-4, nesterov=True, momentum_correction=False),
+    LARS(learning_rate=0.2, trust_coefficient=0.01, epsilon=1e-9, clip=True, exclude_from_weight_decay=[r"bias"]),
+    LARS(exclude_from_weight_decay=False, exclude_from_layer_adaptation=r"head/.*", nonfinite="raise", fused=False),
+    CLARS(estimator="microbatch:4", chunk_size=5, weight_decay=2e-4),
+    LAMB(learning_rate=2e-3, beta_1=0.8, beta_2=0.99, epsilon=1e-8, weight_decay=0.0, clipnorm=1.0),
+    LARS(learning_rate=ScheduleAdapter(SCHEDULE)),
+]
+
+
+@pytest.mark.parametrize("optimizer", CONFIG_CASES, ids=[f"{type(o).__name__}-{i}" for i, o in enumerate(CONFIG_CASES)])
+def test_config_round_trip_through_keras_serialisation(optimizer):
+    blob = keras.saving.serialize_keras_object(optimizer)
+    assert blob["registered_name"] == f"hvd_largebatch>{type(optimizer).__name__}"
+    restored = keras.saving.deserialize_keras_object(blob)
+    assert type(restored) is type(optimizer)
+    assert restored.get_config() == optimizer.get_config()
+    # The live LR is Keras's variable (float32 here); the record keeps the rest exactly.
+    assert restored.core_config.replace(lr=0.0) == optimizer.core_config.replace(lr=0.0)
+    assert restored.weight_decay_exclusion == optimizer.weight_decay_exclusion
+    assert restored.layer_adaptation_exclusion == optimizer.layer_adaptation_exclusion
+
+
+def test_keras_weight_decay_of_the_config_is_ours_and_coupled():
+    config = LAMB(weight_decay=0.02).get_config()
+    assert config["weight_decay"] == 0.02
+    restored = LAMB.from_config(config)
+    assert restored.weight_decay == 0.02 and restored.core_config.weight_decay == 0.02
+
+
+def test_a_predicate_exclusion_cannot_be_serialised():
+    optimizer = LARS(exclude_from_weight_decay=lambda name, shape: "bias" in name)
+    with pytest.raises(ValueError, match="cannot be serialised"):
+        optimizer.get_config()
+
+
+def test_schedule_adapter_config_round_trip_and_values():
+    adapter = ScheduleAdapter(SCHEDULE, dtype="float64")
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(adapter))
+    assert restored.schedule == SCHEDULE
+    for step in (0, 1, 4, 5, 6, 11, 12, 13, 1000):
+        assert float(restored(step)) == pytest.approx(SCHEDULE(step), rel=1e-15)
