@@ -1,0 +1,105 @@
+"""hvd_largebatch.tf under ``horovodrun -np 2`` (Gloo and MPI), everything through ``model.fit``.
+
+One launch per backend runs ``keras_worker.py``, which performs every check
+on every rank (float64); expectations are computed from rank and size
+(DESIGN.md, "Horovod semantics that tests must pin down"):
+
+* ranks on rank-dependent data end with identical weights and optimizer
+  state, equal to one process fitting the concatenated batches (our SGD,
+  LARS, LAMB, CLARS with both estimators, Keras's SGD and Adam, and two
+  backward passes per step);
+* MetricAverageCallback makes the logged metrics equal across ranks, and
+  equal to the mean of what the ranks log without it;
+* GradualWarmupCallback's per-batch LR is the core schedule's;
+* rank 0's weights, BatchNorm statistics and optimizer state reach every rank;
+* ``jit_compile=True`` is refused with a clear error;
+* rank 0 saves, every rank loads and continues exactly as without the pause.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hvd_largebatch import schedules
+from launcher import run_under_horovod
+
+WORKER = Path(__file__).with_name("keras_worker.py")
+FITS = (
+    "lars", "lamb", "sgd", "keras_sgd", "keras_adam", "clars_exact", "clars_microbatch",
+    "accumulate2_lars", "accumulate2_lamb",
+)
+# float64: only the order of the gradient summation separates the ranks from the single process
+SINGLE_PROCESS_TOLERANCE = 1e-12
+
+
+@pytest.fixture(scope="module", params=["gloo", "mpi"])
+def results(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"keras_{request.param}")
+    return run_under_horovod(WORKER, str(directory), backend=request.param, np=2)
+
+
+def test_ranks_and_size(results):
+    assert [(r["rank"], r["size"]) for r in results] == [(0, 2), (1, 2)]
+
+
+@pytest.mark.parametrize("name", FITS)
+def test_fit_gives_identical_ranks_equal_to_one_process_on_the_concatenated_batches(results, name):
+    first, second = (r[f"fit/{name}"] for r in results)
+    assert first["digest"] == second["digest"], "weights or optimizer state differ between ranks"
+    for result in (first, second):
+        assert result["vs_single_process"] <= SINGLE_PROCESS_TOLERANCE, result
+        assert result["optimizer_vs_single_process"] <= SINGLE_PROCESS_TOLERANCE, result
+        assert result["moved"] > 0.1  # training really changed the weights
+        assert result["updates"] == result["reference_updates"] == 8  # 2 epochs x 4 updates, passes or not
+
+
+@pytest.mark.parametrize("name", ["lars", "accumulate2_lamb", "clars_exact"])
+def test_gradual_warmup_lr_of_every_batch_is_the_core_schedule(results, name):
+    schedule = schedules.Schedule.from_config(results[0]["schedule"])
+    for result in results:
+        rows = result[f"fit/{name}"]["lr_per_batch"]
+        passes = 2 if name.startswith("accumulate2") else 1
+        assert len(rows) == 8 * passes
+        for step, lr in rows:
+            assert lr == pytest.approx(schedule(step), rel=1e-15)
+        # With two backward passes the optimizer step advances every second batch.
+        assert [step for step, _ in rows] == [i // passes for i in range(len(rows))]
+        assert result[f"fit/{name}"]["logged_epoch_lr"] == pytest.approx([schedule(3), schedule(7)], rel=1e-15)
+
+
+def test_metric_average_callback_makes_logged_metrics_equal_across_ranks(results):
+    averaged = [r["metric_average"]["averaged"] for r in results]
+    local = [r["metric_average"]["local"] for r in results]
+    assert averaged[0] == averaged[1]
+    assert set(averaged[0]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert local[0] != local[1]  # rank-dependent data: without the callback each rank logs its own numbers
+    for key, values in averaged[0].items():
+        expected = [(a + b) / 2 for a, b in zip(local[0][key], local[1][key])]
+        assert values == pytest.approx(expected, rel=1e-12), key
+
+
+def test_broadcast_sends_rank_0_weights_statistics_and_optimizer_state(results):
+    first, second = (r["broadcast"] for r in results)
+    assert first["before"] != second["before"]
+    assert first["at_first_batch"] == second["at_first_batch"] == first["before"]
+    assert first["after_training"] == second["after_training"]
+    # BatchNorm moving statistics are local to each rank once training runs (Horovod does not average them).
+    assert first["batchnorm_statistics_after"] != second["batchnorm_statistics_after"]
+
+
+def test_jit_compile_true_is_refused_clearly(results):
+    for result in results:
+        at_train_begin, at_trace = result["jit"]["True"], result["jit"]["False"]
+        assert at_train_begin is not None and "jit_compile=True cannot be used" in at_train_begin
+        assert at_trace is not None and "cannot run under XLA (jit_compile=True)" in at_trace
+        assert "jit_compile=False" in at_train_begin and "jit_compile=False" in at_trace
+
+
+def test_rank_0_checkpoint_resumes_exactly_on_every_rank(results):
+    first, second = (r["resume"] for r in results)
+    assert first["loaded_type"] == second["loaded_type"] == "DistributedOptimizer(LARS)"
+    assert first["digest"] == second["digest"]
+    for result in (first, second):
+        assert result["vs_uninterrupted"] <= 1e-14
