@@ -31,10 +31,7 @@ import tensorflow as tf
 from hvd_largebatch import schedules
 from hvd_largebatch.data import MNIST1DSpec, ShardedBatches, load_mnist1d, shard_of
 from hvd_largebatch.recipes import BASE_LRS
-from hvd_largebatch.tf import create_optimizer
-from hvd_largebatch.tf.callbacks import BroadcastGlobalVariablesCallback, GradualWarmupCallback, MetricAverageCallback
-from hvd_largebatch.tf.clars_model import CLARSModel
-from hvd_largebatch.tf.distributed import DistributedOptimizer
+from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, callbacks, create_optimizer
 from hvd_largebatch.tf.models import mnist1d_convnet
 
 OPTIMIZERS = ("lars", "larc", "clars", "lamb", "sgd")
@@ -123,9 +120,9 @@ def main() -> int:
         epochs=args.epochs,
         validation_data=(x_test, y_test),  # each rank scores its part; MetricAverageCallback averages
         callbacks=[
-            BroadcastGlobalVariablesCallback(root_rank=0),
-            GradualWarmupCallback(schedule),
-            MetricAverageCallback(),
+            callbacks.BroadcastGlobalVariablesCallback(root_rank=0),
+            callbacks.GradualWarmupCallback(schedule),
+            callbacks.MetricAverageCallback(),
         ],
         verbose=2 if rank == 0 else 0,
     )

@@ -447,7 +447,8 @@ def test_reports_cover_every_finished_cell(tmp_path):
     assert float(by_key[("torch", "lars", 8192)]["test_accuracy"]) == 0.88
     assert by_key[("torch", "sgd", 8192)]["diverged"] == "True"
     assert json.loads(by_key[("torch", "lars", 128)]["optimizer_config"])["trust_coefficient"] == 0.001
-    assert float(by_key[("torch", "lars", 8192)]["peak_lr"]) == pytest.approx(64 * recipes.BASE_LRS["lars"])
+    assert float(by_key[("torch", "lars", 8192)]["peak_lr"]) == pytest.approx(plan("lars", 8192).schedule.peak)
+    assert float(by_key[("torch", "sgd", 8192)]["peak_lr"]) == pytest.approx(64 * recipes.BASE_LRS["sgd"])
 
     assert text == (tmp_path / bench_report.TABLE_FILE).read_text()
     assert "| sgd | **97.00** | 31.00 (diverged) |" in text

@@ -2,7 +2,7 @@
 
 :func:`train_cell` is the Keras training a user of the package writes: the
 optimizer from :func:`hvd_largebatch.tf.create_optimizer` wrapped in
-:class:`~hvd_largebatch.tf.distributed.DistributedOptimizer` (gradients
+:class:`~hvd_largebatch.tf.DistributedOptimizer` (gradients
 averaged with one grouped allreduce), ``model.fit`` with
 :class:`~hvd_largebatch.tf.callbacks.BroadcastGlobalVariablesCallback`,
 :class:`~hvd_largebatch.tf.callbacks.MetricAverageCallback` and the per-batch
@@ -10,7 +10,7 @@ LR callback over the cell's core schedule
 (:class:`~hvd_largebatch.tf.callbacks.GradualWarmupCallback` when the recipe
 warms up, :class:`~hvd_largebatch.tf.callbacks.LearningRateScheduleCallback`
 otherwise). CLARS trains through
-:class:`~hvd_largebatch.tf.clars_model.CLARSModel` (per-example gradient
+:class:`~hvd_largebatch.tf.CLARSModel` (per-example gradient
 norms) and ConAdv through :class:`~hvd_largebatch.tf.conadv.ConAdv` (dual
 BatchNorm). The data come from :class:`MNIST1DShard`, a ``keras.utils.PyDataset``
 that gives this rank its part of every global batch in the epoch order shared
@@ -32,14 +32,13 @@ import tensorflow as tf
 
 from hvd_largebatch.data import MNIST1D, ShardedBatches, shard_of
 from hvd_largebatch.recipes import CellPlan
-from hvd_largebatch.tf import create_optimizer
+from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, create_optimizer
 from hvd_largebatch.tf.callbacks import (
     BroadcastGlobalVariablesCallback,
     GradualWarmupCallback,
     LearningRateScheduleCallback,
     MetricAverageCallback,
 )
-from hvd_largebatch.tf.distributed import DistributedOptimizer
 from hvd_largebatch.tf.models import mnist1d_convnet
 
 __all__ = [
@@ -184,8 +183,6 @@ def train_cell(
         # Rank-dependent seed: each rank draws its own random starts and target labels.
         model = ConAdv(model, seed=plan.seed * 1000 + rank, **plan.conadv)
     elif plan.optimizer == "clars":
-        from hvd_largebatch.tf.clars_model import CLARSModel
-
         model = CLARSModel(model)
     model.compile(
         optimizer=DistributedOptimizer(inner),

@@ -1,0 +1,50 @@
+"""The examples run end to end with ``--smoke`` under ``horovodrun -np 2 -H localhost:2 --gloo``.
+
+Each example must exit 0, print its schedule and a final test accuracy from
+rank 0, and nothing at all on the other rank's stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def horovodrun() -> str:
+    path = Path(sys.executable).with_name("horovodrun")
+    if not path.exists():
+        raise AssertionError("horovodrun not found next to the test's Python: run `make setup`")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hvd_lb_examples_cache")
+
+
+@pytest.mark.parametrize(
+    "script,extra",
+    [("torch_mnist1d.py", []), ("torch_mnist1d.py", ["--optimizer", "clars"]), ("keras_mnist1d.py", [])],
+)
+def test_example_smoke_run_under_horovodrun(script, extra, cache_dir):
+    env = {**os.environ, "HVD_LB_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [horovodrun(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(EXAMPLES / script),
+               "--smoke", *extra]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    rank0 = [line.split(":", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[0]<stdout>:")]
+    optimizer = extra[1] if extra else "lars"
+    assert any(line.startswith(f"{optimizer} on 2 workers: global batch 256 (128 per worker") for line in rank0), output
+    assert any("gradual warmup" in line for line in rank0)
+    final = [re.search(r"final test accuracy (\d+\.\d+)%", line) for line in rank0]
+    accuracy = [float(m.group(1)) for m in final if m]
+    assert len(accuracy) == 1 and 0.0 <= accuracy[0] <= 100.0, output[-4000:]
+    assert "[1]<stdout>" not in proc.stdout, "rank 1 must stay quiet"
