@@ -9,7 +9,7 @@ import keras
 from keras import ops
 
 from hvd_largebatch import config
-from hvd_largebatch.tf import update_rules
+from hvd_largebatch.tf import fused_kernels, update_rules
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer, tensor_of
 
 __all__ = ["LAMB"]
@@ -50,8 +50,8 @@ class LAMB(LargeBatchOptimizer):
             rule: ``ndim <= 1`` or a path matching bias/bn/batchnorm/norm), False,
             regex(es) on ``variable.path``, or a callable ``(path, shape) -> bool``.
         nonfinite: ``"skip"`` (default) or ``"raise"``.
-        fused: norms with TensorFlow's single-pass kernel (default; see
-            :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
+        fused: norms and the weight step with TensorFlow's single-pass kernels
+            (default; see :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...).
 
@@ -141,7 +141,10 @@ class LAMB(LargeBatchOptimizer):
             )
             step_sizes = ops.unstack(lr * ratios * scale)
             for w, direction, step_size in zip(variables, directions, step_sizes):
-                self.assign_sub(w, ops.cast(step_size, w.dtype) * direction)
+                if self.fused:
+                    fused_kernels.apply_scaled_step(w, ops.cast(step_size, w.dtype), direction)
+                else:
+                    self.assign_sub(w, ops.cast(step_size, w.dtype) * direction)
 
         self._guarded(finite, apply_all, lr)
 

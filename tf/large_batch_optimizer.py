@@ -18,7 +18,7 @@ It holds what every rule shares and leaves the arithmetic to
   optimizer sees them, so every rank takes the same decision;
 * ``prev_learning_rate``, the LR of the last applied step, kept as an
   optimizer variable so that momentum correction survives save and load;
-* ``fused``: whether norms and the momentum step use TensorFlow's
+* ``fused``: whether norms and the weight steps use TensorFlow's
   single-pass kernels (:mod:`hvd_largebatch.tf.fused_kernels`, the default)
   or ``keras.ops`` alone (:mod:`hvd_largebatch.tf.update_rules`); same math.
 
@@ -122,8 +122,6 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
             core_config = config.optimizer_config(self.core_name, nonfinite=nonfinite, **core_fields)
         except ValueError as err:
             raise _in_keras_spelling(err) from None
-        if "weight_decay" in kwargs:  # pragma: no cover - every subclass names weight_decay explicitly
-            raise ValueError("weight_decay is given twice")
         super().__init__(
             learning_rate=core_config.lr if _is_number(learning_rate) else learning_rate,
             weight_decay=None,  # ours is coupled and applied inside the update, see _apply_weight_decay
