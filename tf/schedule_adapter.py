@@ -13,6 +13,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from hvd_largebatch.schedules import Schedule
@@ -61,12 +62,19 @@ class ScheduleAdapter(keras.optimizers.schedules.LearningRateSchedule):
         self.schedule = schedule
         self.dtype = dtype
         self._table = np.array([schedule(t) for t in range(schedule.total_steps + 1)], dtype=np.float64)
+        self._tensors: dict[str, Any] = {}
+
+    def _table_tensor(self, dtype: str) -> Any:
+        """The table as a constant of ``dtype``, made once (outside any graph being traced) and reused."""
+        if dtype not in self._tensors:
+            with tf.init_scope():
+                self._tensors[dtype] = tf.constant(self._table, dtype=dtype)
+        return self._tensors[dtype]
 
     def __call__(self, step: Any) -> Any:
         dtype = self.dtype or keras.backend.floatx()
-        last = self.schedule.total_steps
-        index = ops.clip(ops.cast(step, "int64"), 0, last)
-        return ops.take(ops.convert_to_tensor(self._table, dtype=dtype), index)
+        index = ops.clip(ops.cast(step, "int64"), 0, self.schedule.total_steps)
+        return ops.take(self._table_tensor(dtype), index)
 
     def get_config(self) -> dict[str, Any]:
         return {"schedule": self.schedule.to_config(), "dtype": self.dtype}
