@@ -8,7 +8,7 @@ Prints, for one run on this machine, the median time per training step of
 * ``stale``: ConAdv with ``staleness=1`` but ``concurrent=False`` (same work as
   sequential; shows that staleness alone costs nothing);
 * ``concurrent``: ConAdv with ``staleness=1``, the attack of the next batch on a
-  background thread (PyTorch) / in a parallel branch of the step (Keras);
+  background thread (PyTorch);
 
 with ratios to ``clean``, and the split of the adversarial step into its parts
 (attack; clean forward+backward; adversarial forward+backward) from which the
@@ -18,9 +18,11 @@ share of the attack that concurrency hides is computed::
 
 PyTorch runs with 1 and with 2 intra-op threads (on a 2-core machine, 1
 thread leaves the second core to the background attack; 2 threads make the
-attack compete with the step's own parallelism). Keras runs in subprocesses
-with TensorFlow's inter-op pool at 1 (branches serialised) and 2 (the attack
-branch may overlap the clean branch). The variants are interleaved round by
+attack compete with the step's own parallelism). Keras (``clean``, ConAdv
+with ``staleness`` 0 and 1: in Keras both overlap the attack with the clean
+half of the step, see ``hvd_largebatch.tf.conadv``) runs in subprocesses with
+TensorFlow's inter-op pool at 1 (branches serialised) and 2 (the attack
+branch may run beside the clean branch). The variants are interleaved round by
 round, so that load from other processes affects them alike; the medians over
 rounds are reported. Timings are of this machine only; see the README for the
 GPU reasoning.
@@ -167,8 +169,8 @@ def keras_worker(batch: int, steps: int, rounds: int, inter_op: int) -> dict[str
     settings = dict(epsilon=EPSILON, step_size=EPSILON, input_range=None, seed=0)
     models = {
         "clean": compiled(mnist1d_convnet(seed=0)),
-        "sequential": compiled(ConAdv(mnist1d_convnet(seed=0), staleness=0, **settings)),
-        "concurrent": compiled(ConAdv(mnist1d_convnet(seed=0), staleness=1, **settings)),
+        "conadv_tau0": compiled(ConAdv(mnist1d_convnet(seed=0), staleness=0, **settings)),
+        "conadv_tau1": compiled(ConAdv(mnist1d_convnet(seed=0), staleness=1, **settings)),
     }
     steppers = {name: (lambda m=model: m.train_on_batch(x, y)) for name, model in models.items()}
     return interleaved(steppers, steps, rounds)
@@ -199,8 +201,9 @@ def print_torch(threads: int, ms: dict[str, float]) -> None:
 
 def print_keras(inter_op: int, ms: dict[str, float]) -> None:
     clean = ms["clean"]
-    print(f"\nKeras (TensorFlow), inter-op pool {inter_op}, intra-op 1: ms/step (ratio to clean)")
-    for name in ("clean", "sequential", "concurrent"):
+    branches = "branches serialised" if inter_op == 1 else "attack branch may overlap the clean branch"
+    print(f"\nKeras (TensorFlow), inter-op pool {inter_op} ({branches}), intra-op 1: ms/step (ratio to clean)")
+    for name in ("clean", "conadv_tau0", "conadv_tau1"):
         print(f"  {name:<12} {ms[name]:8.2f}  ({ms[name] / clean:4.2f}x)")
 
 
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(keras_worker(args.batch, args.steps, args.rounds, args.keras_worker)))
         return
     print(f"ConAdv step time, bench model (MNIST1DConvNet, dual BN), batch {args.batch}, "
-          f"{args.rounds} interleaved rounds of {args.steps} steps, {os.cpu_count()} CPU cores")
+          f"{args.rounds} interleaved rounds of {args.steps} steps, {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f} (the overlap needs an idle core: read the figures with it)")
     if args.framework in ("torch", "both"):
         for threads in [int(t) for t in args.threads.split(",")]:
             print_torch(threads, torch_measure(args.batch, args.steps, args.rounds, threads))
@@ -219,9 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         for inter_op, ms in keras_results.items():
             print_keras(inter_op, ms)
         serial, parallel = keras_results[1], keras_results[2]
-        print(f"  inter-op 2 vs 1: sequential {parallel['sequential'] / serial['sequential']:.2f}x, "
-              f"concurrent {parallel['concurrent'] / serial['concurrent']:.2f}x, "
-              f"clean {parallel['clean'] / serial['clean']:.2f}x")
+        print("  time with inter-op 2 / time with inter-op 1: "
+              + ", ".join(f"{name} {parallel[name] / serial[name]:.2f}x" for name in ("clean", "conadv_tau0", "conadv_tau1")))
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
