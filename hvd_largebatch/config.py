@@ -295,6 +295,9 @@ class ConAdvConfig(_Record):
         targeted: descend toward a random wrong label (official code) instead of
             ascending the loss of the true label.
         adv_weight: weight of the adversarial loss (clean loss has weight 1).
+        average_losses: divide the weighted sum by ``1 + adv_weight`` (a weighted
+            mean), so that tensors a layer-wise optimizer does not adapt (biases,
+            BatchNorm) are not stepped twice as far as in clean training.
         dual_bn: route adversarial examples through auxiliary BatchNorm statistics.
         input_range: ``(low, high)`` the adversarial inputs are clipped to, or None.
     """
@@ -309,6 +312,7 @@ class ConAdvConfig(_Record):
     adv_weight: float = 1.0
     dual_bn: bool = True
     input_range: tuple[float, float] | None = (-1.0, 1.0)
+    average_losses: bool = False
 
     def _validate(self) -> None:
         self._set("epsilon", check_positive("epsilon", self.epsilon))
@@ -323,6 +327,7 @@ class ConAdvConfig(_Record):
         check_bool("targeted", self.targeted)
         self._set("adv_weight", check_non_negative("adv_weight", self.adv_weight))
         check_bool("dual_bn", self.dual_bn)
+        check_bool("average_losses", self.average_losses)
         if self.input_range is not None:
             try:
                 low, high = self.input_range

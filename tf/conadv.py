@@ -56,6 +56,10 @@ How the train step does it:
   columns). The attack runs in training mode (BatchNorm on batch statistics),
   the mode of the loss term it feeds. ``random_start_prob`` applies per
   example (our reading of the paper).
+* ``average_losses=True`` (ours; off by default, which is ALGORITHMS.md's
+  sum) trains on the weighted mean of the two terms: with LARS/LAMB the sum
+  doubles the steps of the tensors they do not adapt (biases, BatchNorm),
+  which take the raw global LR (see the PyTorch module for the figures).
 """
 
 from __future__ import annotations
@@ -84,9 +88,11 @@ class ConAdv(keras.Model):
         base_model: a built Keras model mapping inputs to class scores (logits
             or probabilities, as the compiled loss expects).
         epsilon, step_size, staleness, attack_iters, random_start_prob, targeted,
-            adv_weight, dual_bn, input_range: the ConAdv hyperparameters of
-            ``hvd_largebatch.config.ConAdvConfig`` (same names, defaults and
-            checks as the PyTorch helper). ``input_range`` must contain the
+            adv_weight, dual_bn, input_range, average_losses: the ConAdv
+            hyperparameters of ``hvd_largebatch.config.ConAdvConfig`` (same
+            names, defaults and checks as the PyTorch helper);
+            ``average_losses=True`` trains on the weighted mean
+            ``(clean + adv_weight * adversarial) / (1 + adv_weight)``. ``input_range`` must contain the
             data; pass None for unbounded inputs such as standardised signals.
         seed: seed of the stateless random draws; None picks one at random.
         **kwargs: passed to ``keras.Model`` (e.g. ``name``).
@@ -112,6 +118,7 @@ class ConAdv(keras.Model):
         adv_weight: float = _DEFAULTS.adv_weight,
         dual_bn: bool = _DEFAULTS.dual_bn,
         input_range: tuple[float, float] | None = _DEFAULTS.input_range,
+        average_losses: bool = _DEFAULTS.average_losses,
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -127,6 +134,7 @@ class ConAdv(keras.Model):
             adv_weight=adv_weight,
             dual_bn=dual_bn,
             input_range=input_range,
+            average_losses=average_losses,
         )
         if not isinstance(base_model, keras.Model):
             raise ValueError(f"base_model must be a keras.Model, got {type(base_model).__name__}")
@@ -204,6 +212,8 @@ class ConAdv(keras.Model):
                 y_pred_adv = self.base_model(x_adv, training=True)
             adversarial_loss = self._compile_loss(y, y_pred_adv, sample_weight)
             loss = clean_loss + cfg.adv_weight * adversarial_loss
+            if cfg.average_losses:
+                loss = loss / (1 + cfg.adv_weight)
             batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
             self._loss_tracker.update_state(loss, sample_weight=batch_size)
             scaled_loss = self.optimizer.scale_loss(loss) if self.optimizer is not None else loss
@@ -278,6 +288,7 @@ class ConAdv(keras.Model):
             "adv_weight": cfg.adv_weight,
             "dual_bn": cfg.dual_bn,
             "input_range": None if cfg.input_range is None else list(cfg.input_range),
+            "average_losses": cfg.average_losses,
             "seed": self.seed,
         }
 

@@ -63,6 +63,13 @@ Notes where we differ from, or read, the paper:
     * ``random_start_prob`` is applied per example (the official code's
       granularity is not stated in the paper; this is our reading).
     * The first ``tau`` steps have no stale weights and use the current ones.
+    * ``average_losses`` (ours; off by default, which is ALGORITHMS.md's sum)
+      trains on ``(clean + adv_weight * adversarial) / (1 + adv_weight)``.
+      With LARS/LAMB the sum leaves the adapted layers' steps unchanged (the
+      trust ratio normalises the gradient) but doubles the steps of the
+      tensors they do not adapt (biases, BatchNorm), which take the raw global
+      LR; on MNIST-1D at batch 2048 that alone cost ConAdv + LARS 20-30 points
+      of accuracy, and the mean fixed it (see the README / report figures).
     * Do not modify batches in place after the lookahead has yielded them: the
       attack may be reading them on the background thread.
 """
@@ -334,8 +341,10 @@ class ConAdv:
         loss_fn: ``loss_fn(logits, labels)`` -> scalar mean loss, for the clean,
             the adversarial and the attack losses (default cross-entropy).
         epsilon, step_size, staleness, attack_iters, random_start_prob, targeted,
-            adv_weight, dual_bn, input_range: the ConAdv hyperparameters of
-            ``hvd_largebatch.config.ConAdvConfig`` (same defaults and checks).
+            adv_weight, dual_bn, input_range, average_losses: the ConAdv
+            hyperparameters of ``hvd_largebatch.config.ConAdvConfig`` (same
+            defaults and checks). ``average_losses=True`` returns
+            ``(clean + adv_weight * adversarial) / (1 + adv_weight)``.
             ``input_range`` must contain the data (it is checked on the first
             batch); pass None for unbounded inputs such as standardised signals.
         concurrent: run the attack of the ahead batch concurrently (a
@@ -368,6 +377,7 @@ class ConAdv:
         adv_weight: float = _DEFAULTS.adv_weight,
         dual_bn: bool = _DEFAULTS.dual_bn,
         input_range: tuple[float, float] | None = _DEFAULTS.input_range,
+        average_losses: bool = _DEFAULTS.average_losses,
         concurrent: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -389,6 +399,7 @@ class ConAdv:
             adv_weight=adv_weight,
             dual_bn=dual_bn,
             input_range=input_range,
+            average_losses=average_losses,
         )
         if self.config.dual_bn and plain_bn_layers(model):
             raise ValueError(
@@ -428,6 +439,8 @@ class ConAdv:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, ahead: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Step ``t``'s loss ``clean + adv_weight * adversarial``, launching the attack of ``ahead``.
+
+        (Divided by ``1 + adv_weight`` with ``average_losses``.)
 
         Args:
             x, y: the batch of this step.
@@ -479,7 +492,8 @@ class ConAdv:
         self.last_adversarial = x_adv
         self.last_clean_loss = clean.detach()
         self.last_adversarial_loss = adversarial.detach()
-        return clean + cfg.adv_weight * adversarial
+        total = clean + cfg.adv_weight * adversarial
+        return total / (1 + cfg.adv_weight) if cfg.average_losses else total
 
     def close(self) -> None:
         """Waits for launched attacks and stops the background thread (the helper stays usable)."""

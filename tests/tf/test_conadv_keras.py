@@ -47,16 +47,17 @@ def _reference_attack(W, b, x, y, eps, alpha, iters, input_range):
     return x_adv
 
 
-def _reference_conadv(W, b, batches, tau):
+def _reference_conadv(W, b, batches, tau, average=False):
     """Untargeted, no random start; batch t is attacked from theta_{t-tau} (theta_t for t < tau)."""
+    scale = 1 / (1 + ATTACK["adv_weight"]) if average else 1.0
     thetas = [(W.copy(), b.copy())]
     for t, (x, y) in enumerate(batches):
         W_att, b_att = thetas[t - tau] if t >= tau else thetas[t]
         x_adv = _reference_attack(W_att, b_att, x, y, ATTACK["epsilon"], ATTACK["step_size"], ATTACK["attack_iters"], ATTACK["input_range"])
         _, gW_clean, gb_clean = _ce_grads(W, b, x, y)
         _, gW_adv, gb_adv = _ce_grads(W, b, x_adv, y)
-        W = W - LR * (gW_clean + ATTACK["adv_weight"] * gW_adv)
-        b = b - LR * (gb_clean + ATTACK["adv_weight"] * gb_adv)
+        W = W - LR * scale * (gW_clean + ATTACK["adv_weight"] * gW_adv)
+        b = b - LR * scale * (gb_clean + ATTACK["adv_weight"] * gb_adv)
         thetas.append((W.copy(), b.copy()))
     return thetas
 
@@ -120,6 +121,16 @@ def test_staleness_is_exact_in_float64_under_fit(float64, tau):
         kernel, bias = (v.numpy() for v in snapshot)
         np.testing.assert_allclose(kernel.T, reference[STEPS - tau + slot][0], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(bias, reference[STEPS - tau + slot][1], rtol=1e-10, atol=1e-12)
+
+
+def test_average_losses_trains_on_the_weighted_mean(float64):
+    W, b, batches = _problem()
+    _, thetas = _keras_run(W, b, batches, staleness=1, dual_bn=False, average_losses=True, **ATTACK)
+    reference = _reference_conadv(W, b, batches, 1, average=True)
+    for (got_W, got_b), (ref_W, ref_b) in zip(thetas, reference, strict=True):
+        np.testing.assert_allclose(got_W, ref_W, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got_b, ref_b, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(thetas[-1][0], _reference_conadv(W, b, batches, 1)[-1][0])
 
 
 def test_staleness_is_observable_on_the_reference_problem():
@@ -301,7 +312,7 @@ def test_save_and_load_keep_both_bn_sets_and_snapshots_and_training_continues_ex
 BAD_ARGUMENTS = [
     ("epsilon", 0.0), ("epsilon", -0.1), ("step_size", 0), ("staleness", -1), ("staleness", 1.5),
     ("attack_iters", 0), ("random_start_prob", 1.5), ("targeted", 1), ("adv_weight", -1.0),
-    ("dual_bn", "yes"), ("input_range", (1.0, -1.0)), ("input_range", 3.0), ("seed", -1), ("seed", 0.5),
+    ("dual_bn", "yes"), ("average_losses", 1), ("input_range", (1.0, -1.0)), ("input_range", 3.0), ("seed", -1), ("seed", 0.5),
 ]
 
 

@@ -53,16 +53,17 @@ def _reference_attack(W, b, x, y, eps, alpha, iters, input_range):
     return x_adv
 
 
-def _reference_conadv(W, b, batches, tau, eps, alpha, iters, adv_weight, input_range):
+def _reference_conadv(W, b, batches, tau, eps, alpha, iters, adv_weight, input_range, average=False):
     """Untargeted, no random start; batch t is attacked from theta_{t-tau} (theta_t for t < tau)."""
+    scale = 1 / (1 + adv_weight) if average else 1.0
     thetas, adversarial = [(W.copy(), b.copy())], []
     for t, (x, y) in enumerate(batches):
         W_att, b_att = thetas[t - tau] if t >= tau else thetas[t]
         x_adv = _reference_attack(W_att, b_att, x, y, eps, alpha, iters, input_range)
         _, gW_clean, gb_clean = _ce_grads(W, b, x, y)
         _, gW_adv, gb_adv = _ce_grads(W, b, x_adv, y)
-        W = W - LR * (gW_clean + adv_weight * gW_adv)
-        b = b - LR * (gb_clean + adv_weight * gb_adv)
+        W = W - LR * scale * (gW_clean + adv_weight * gW_adv)
+        b = b - LR * scale * (gb_clean + adv_weight * gb_adv)
         thetas.append((W.copy(), b.copy()))
         adversarial.append(x_adv)
     return thetas, adversarial
@@ -109,11 +110,11 @@ def _assert_trajectories_equal(got, expected):
         np.testing.assert_allclose(b, ref_b, rtol=1e-10, atol=1e-12, err_msg=f"bias after {t} steps")
 
 
-def _reference(tau, problem):
+def _reference(tau, problem, average=False):
     W, b, batches = problem
     return _reference_conadv(
         W, b, batches, tau, ATTACK["epsilon"], ATTACK["step_size"], ATTACK["attack_iters"],
-        ATTACK["adv_weight"], ATTACK["input_range"],
+        ATTACK["adv_weight"], ATTACK["input_range"], average,
     )
 
 
@@ -123,6 +124,13 @@ def test_staleness_is_exact_in_float64(tau, concurrent):
     problem = _problem()
     got = _torch_run(*problem, staleness=tau, concurrent=concurrent, dual_bn=False, **ATTACK)
     _assert_trajectories_equal(got, _reference(tau, problem))
+
+
+def test_average_losses_trains_on_the_weighted_mean():
+    problem = _problem()
+    got = _torch_run(*problem, staleness=1, dual_bn=False, average_losses=True, **ATTACK)
+    _assert_trajectories_equal(got, _reference(1, problem, average=True))
+    assert not np.allclose(got[0][-1][0], _reference(1, problem)[0][-1][0])
 
 
 @pytest.mark.parametrize("tau", [1, 2])
@@ -446,7 +454,7 @@ BAD_ARGUMENTS = [
     ("epsilon", 0.0), ("epsilon", -0.1), ("epsilon", float("nan")), ("step_size", 0), ("step_size", "a"),
     ("staleness", -1), ("staleness", 1.5), ("staleness", True), ("attack_iters", 0), ("attack_iters", 2.0),
     ("random_start_prob", 1.5), ("random_start_prob", -0.1), ("targeted", 1), ("adv_weight", -1.0),
-    ("dual_bn", "yes"), ("input_range", (1.0, -1.0)), ("input_range", (0.0,)), ("input_range", 3.0),
+    ("dual_bn", "yes"), ("average_losses", 1), ("input_range", (1.0, -1.0)), ("input_range", (0.0,)), ("input_range", 3.0),
     ("concurrent", 1), ("seed", -1), ("seed", 1.5), ("loss_fn", "cross_entropy"),
 ]
 
