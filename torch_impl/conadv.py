@@ -68,8 +68,10 @@ Notes where we differ from, or read, the paper:
       With LARS/LAMB the sum leaves the adapted layers' steps unchanged (the
       trust ratio normalises the gradient) but doubles the steps of the
       tensors they do not adapt (biases, BatchNorm), which take the raw global
-      LR; on MNIST-1D at batch 2048 that alone cost ConAdv + LARS 20-30 points
-      of accuracy, and the mean fixed it (see the README / report figures).
+      LR. Measured on MNIST-1D (8,000 signals, batch 2048, 90 steps, LARS at
+      peak LR 32, seeds 0/1): LARS alone 96.0/96.0% test accuracy; ConAdv +
+      LARS with the sum 67.7/76.8% (epsilon 0.35); with the mean 93.7%
+      (epsilon 0.35, seed 0) and 97.0/96.2% (epsilon 0.1).
     * Do not modify batches in place after the lookahead has yielded them: the
       attack may be reading them on the background thread.
 """

@@ -7,7 +7,7 @@ per epoch, 12 epochs. ConAdv uses the bench's settings (targeted, random
 start 0.8, dual BN, staleness 1) except ``epsilon = step_size = 0.1`` and
 ``average_losses=True``: with the sum of the two losses LARS's raw global LR
 on the tensors it does not adapt (BatchNorm, biases) is effectively doubled,
-which on MNIST-1D cost 20-30 points (see ``hvd_largebatch.torch_impl.conadv``).
+which on MNIST-1D cost about 20-30 points (figures in ``hvd_largebatch.torch_impl.conadv``).
 The test asserts that ConAdv + LARS trains (test accuracy far above the 10% of
 chance) and that evaluation uses the main BatchNorm; LARS alone is trained on
 the same data and order for the record, not asserted against: runs this short
