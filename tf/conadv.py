@@ -85,8 +85,10 @@ class ConAdv(keras.Model):
     """Wraps ``base_model`` so that ``fit`` does concurrent adversarial learning (see the module docstring).
 
     Args:
-        base_model: a built Keras model mapping inputs to class scores (logits
-            or probabilities, as the compiled loss expects).
+        base_model: a Keras model mapping inputs to class scores (logits or
+            probabilities, as the compiled loss expects). A model with plain
+            BatchNormalization layers to convert must be built (give it an
+            ``Input``); one without is built on the first batch if need be.
         epsilon, step_size, staleness, attack_iters, random_start_prob, targeted,
             adv_weight, dual_bn, input_range, average_losses: the ConAdv
             hyperparameters of ``hvd_largebatch.config.ConAdvConfig`` (same
@@ -192,6 +194,8 @@ class ConAdv(keras.Model):
                 "ConAdv does not feed CLARS its per-example gradient norms in Keras (CLARSModel does, for "
                 "clean training): use LARS, LARC, LAMB or SGD with ConAdv, or CLARS from the PyTorch helper"
             )
+        if not self._state_created:  # a base model without an Input: build on the first batch
+            self.build(tf.nest.map_structure(lambda tensor: tuple(tensor.shape), x))
         cfg = self.conadv_config
         step = self._step.value
         live = self.base_model.trainable_variables

@@ -343,6 +343,15 @@ def test_defaults_come_from_the_core_config_and_bad_models_are_refused():
         ConAdv(keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(renorm=True)]))
 
 
+def test_an_unbuilt_base_model_is_built_on_the_first_batch_unless_it_needs_conversion():
+    model = ConAdv(keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(3)]), input_range=None, seed=0)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(np.random.default_rng(0).normal(size=(16, 5)), np.zeros(16), batch_size=8, verbose=0)
+    assert int(model._step.numpy()) == 2 and len(model._snapshots[0]) == 4
+    with pytest.raises(ValueError, match="must be built"):
+        ConAdv(keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()]))
+
+
 def test_fit_without_a_loss_is_refused():
     model = ConAdv(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), input_range=None)
     model.compile(optimizer="sgd")
