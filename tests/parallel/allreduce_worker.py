@@ -1,7 +1,9 @@
-"""Worker for test_allreduce_smoke: one torch and one TensorFlow allreduce per rank.
+"""Worker for test_allreduce_smoke: one allreduce per rank in torch or in TensorFlow.
 
-Each rank contributes ``rank + 1`` (times a ramp), so the average over ``size``
-ranks is known in closed form and the test computes it from rank and size.
+Usage: ``allreduce_worker.py torch|tensorflow``. One framework per launch: the
+two frameworks' Horovod libraries each start their own background loop and
+Gloo context, which must not share a job. Each rank contributes
+``(rank + 1) * [0, 1, 2, 3]``, so the test computes the average from rank and size.
 """
 
 import os
@@ -9,30 +11,30 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import horovod.tensorflow as hvd_tf  # noqa: E402
-import horovod.torch as hvd_torch  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import torch  # noqa: E402
-
 from launcher import write_results  # noqa: E402
 
-hvd_torch.init()
-hvd_tf.init()
-rank, size = hvd_torch.rank(), hvd_torch.size()
 
-torch_avg = hvd_torch.allreduce(torch.arange(4, dtype=torch.float64) * (rank + 1), op=hvd_torch.Average)
-tf_avg = hvd_tf.allreduce(tf.range(4, dtype=tf.float64) * (rank + 1), op=hvd_tf.Average)
+def torch_allreduce() -> dict:
+    import horovod.torch as hvd
+    import torch
 
-write_results(
-    rank,
-    {
-        "rank": rank,
-        "size": size,
-        "tf_rank": hvd_tf.rank(),
-        "tf_size": hvd_tf.size(),
-        "mpi_built": hvd_torch.mpi_built(),
-        "gloo_built": hvd_torch.gloo_built(),
-        "torch": torch_avg.tolist(),
-        "tf": tf_avg.numpy().tolist(),
-    },
-)
+    hvd.init()
+    average = hvd.allreduce(torch.arange(4, dtype=torch.float64) * (hvd.rank() + 1), op=hvd.Average)
+    return {"rank": hvd.rank(), "size": hvd.size(), "average": average.tolist(),
+            "mpi_built": hvd.mpi_built(), "gloo_built": hvd.gloo_built()}
+
+
+def tensorflow_allreduce() -> dict:
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    hvd.init()
+    average = hvd.allreduce(tf.range(4, dtype=tf.float64) * (hvd.rank() + 1), op=hvd.Average)
+    return {"rank": hvd.rank(), "size": hvd.size(), "average": average.numpy().tolist(),
+            "mpi_built": hvd.mpi_built(), "gloo_built": hvd.gloo_built()}
+
+
+if __name__ == "__main__":
+    framework = sys.argv[1]
+    result = {"torch": torch_allreduce, "tensorflow": tensorflow_allreduce}[framework]()
+    write_results(result["rank"], result)
