@@ -15,11 +15,12 @@ setup:  ## install OpenMPI, the pinned venv, Horovod (built once, cached) and th
 test: setup  ## the whole suite: unit, parity, parallel (horovodrun -np 2) and example smoke tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: setup  ## the main job
-	@mkdir -p results
-	$(VENV)/bin/hvd-largebatch schedule --base-lr 0.1 --base-batch 256 --global-batch 8192 \
-		--epochs 90 --warmup-epochs 5 --decay step --dataset-size 1281167 \
-		--plot results/goyal_imagenet_schedule.png
+DEMO_SWEEP := --methods sgd,goyal,lars,lamb --batch-sizes 512,4096 --epochs 2 --workers 2 --out results/demo
+
+demo: setup  ## the main job, short: a batch-size sweep under horovodrun -np 2 (both frameworks), table + plot in results/demo
+	@rm -rf results/demo
+	$(VENV)/bin/hvd-largebatch bench --framework torch $(DEMO_SWEEP)
+	$(VENV)/bin/hvd-largebatch bench --framework keras $(DEMO_SWEEP)
 
 bench: setup  ## optimizer step-time benchmarks (ratios measured side by side)
 	$(PY) benchmarks/torch_optimizers.py

@@ -46,6 +46,16 @@ RESULTS_FILE = "results.json"
 RUN_DIRECTORY = "_run"
 
 
+def _public_mode() -> int:
+    """0666 minus the process umask: the mode ``open()`` would have given the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_PUBLIC_MODE = _public_mode()
+
+
 def write_json_atomically(path: Path, value: Any) -> None:
     """Writes ``value`` as JSON to ``path`` through a temporary file and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +64,7 @@ def write_json_atomically(path: Path, value: Any) -> None:
         with os.fdopen(handle, "w") as stream:
             json.dump(value, stream, indent=1, allow_nan=False)
             stream.write("\n")
+        os.chmod(temporary, _PUBLIC_MODE)  # mkstemp makes 0600; outputs are ordinary files
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

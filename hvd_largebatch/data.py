@@ -219,12 +219,23 @@ def _generate(spec: MNIST1DSpec, args: dict[str, Any]) -> tuple[np.ndarray, ...]
     return x[:train], y[:train], x[train:total], y[train:total]
 
 
+def _public_mode() -> int:
+    """0666 minus the process umask: the mode ``open()`` would have given the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_PUBLIC_MODE = _public_mode()
+
+
 def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, **arrays)
+        os.chmod(temporary, _PUBLIC_MODE)  # mkstemp makes 0600; the cache is an ordinary file
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
