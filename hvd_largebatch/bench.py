@@ -54,6 +54,7 @@ __all__ = [
     "inside_horovodrun",
     "horovodrun_command",
     "launch_sweep",
+    "lost_gloo_connection",
     "run_sweep_inside_horovodrun",
     "failure_message",
 ]
@@ -282,6 +283,12 @@ def _finish(out_dir: Path, echo: Echo) -> None:
     )
 
 
+def lost_gloo_connection(lines: Iterable[str]) -> bool:
+    """True when a launch died because Gloo's TCP rendezvous was refused (a transport race, not a cell)."""
+    text = "\n".join(lines)
+    return "gloo::IoException" in text and "Connection refused" in text
+
+
 def launch_sweep(
     framework: str,
     plans: list[CellPlan],
@@ -294,19 +301,25 @@ def launch_sweep(
 ) -> int:
     """Runs the pending cells under a ``horovodrun`` it starts; returns the exit status (0, or 1 on failure).
 
+    A launch whose Gloo rendezvous connection was refused (another job took
+    the port on a busy machine) and in which no cell raised is started once
+    more; finished cells are kept, so the second launch resumes.
+
     Raises:
         ValueError: settings that contradict ``out_dir``'s results, or no ``horovodrun``.
     """
     out_dir = Path(out_dir)
     check_choice("backend", backend, BACKENDS)
-    store, job = _prepare(framework, plans, settings, out_dir, command_text, echo)
-    if job.cells:
+    log_path = out_dir / "sweep.log"
+    for attempt in (1, 2):
+        store, job = _prepare(framework, plans, settings, out_dir, command_text, echo if attempt == 1 else _quiet)
+        if not job.cells:
+            break
         markers = FailureMarkers(out_dir)
         markers.clear()
         job_path = out_dir / RUN_DIRECTORY / "job.json"
         write_json_atomically(job_path, job.to_config())
         command = horovodrun_command(job_path, settings.workers, backend)
-        log_path = out_dir / "sweep.log"
         echo(f"  launching: {shlex.join(command[:7])} ... ({len(job.cells)} cells to run; full log in {log_path})")
         try:
             status, tail = _stream_horovodrun(command, _worker_environment(settings.workers, backend), log_path, echo)
@@ -319,13 +332,21 @@ def launch_sweep(
             )
             _write_reports_quietly(out_dir)
             return 130
-        if status != 0:
-            finished = len(ResultsStore(out_dir).records)
-            print(failure_message(status, markers, finished, store.path, log_path, tail), file=sys.stderr)
-            _write_reports_quietly(out_dir)
-            return 1
+        if status == 0:
+            break
+        if attempt == 1 and markers.first_cause() is None and lost_gloo_connection(tail):
+            echo("  Gloo's rendezvous connection was refused (a busy machine); launching once more")
+            continue
+        finished = len(ResultsStore(out_dir).records)
+        print(failure_message(status, markers, finished, store.path, log_path, tail), file=sys.stderr)
+        _write_reports_quietly(out_dir)
+        return 1
     _finish(out_dir, echo)
     return 0
+
+
+def _quiet(line: str) -> None:
+    """An echo that drops the line (the second attempt does not repeat the sweep's header)."""
 
 
 def _write_reports_quietly(out_dir: Path) -> None:

@@ -426,6 +426,12 @@ def test_failure_message_prefers_the_original_error_over_horovod_shutdown(tmp_pa
     assert "before any cell started" in message and "boom: no horovod" in message
 
 
+def test_only_a_refused_gloo_rendezvous_counts_as_a_lost_connection():
+    assert bench.lost_gloo_connection(["[1]<stderr>: gloo::IoException: Connection refused [127.0.0.1]:4001"])
+    assert not bench.lost_gloo_connection(["ValueError: Connection refused by the user"])
+    assert not bench.lost_gloo_connection(["gloo::IoException: Timed out"])
+
+
 def test_reports_cover_every_finished_cell(tmp_path):
     store = ResultsStore(tmp_path)
     store.adopt_settings(settings().to_config())
@@ -479,6 +485,18 @@ def test_torch_and_keras_models_have_the_same_parameter_count():
     assert torch_count(MNIST1DConvNet()) == 25322
     logits = MNIST1DConvNet()(torch.zeros(3, data.SIGNAL_LENGTH))
     assert tuple(logits.shape) == (3, data.NUM_CLASSES)
+
+
+@pytest.mark.parametrize(
+    "module_name",
+    ["hvd_largebatch.data", "hvd_largebatch.recipes", "hvd_largebatch.torch_impl.models", "hvd_largebatch.tf.models"],
+)
+def test_docstring_examples_run(module_name):
+    import doctest
+    import importlib
+
+    failures, tried = doctest.testmod(importlib.import_module(module_name))
+    assert tried > 0 and failures == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,3 +565,21 @@ def test_a_failing_cell_stops_the_sweep_naming_it_and_keeps_finished_cells(tmp_p
     assert "1 finished cell(s) are kept" in captured.err and "rerun the same command to resume" in captured.err
     assert [r["key"] for r in ResultsStore(tmp_path).records] == ["torch:sgd:64"]
     assert (tmp_path / "table.md").exists() and (tmp_path / "results.csv").exists()
+
+
+def test_started_by_horovodrun_the_sweep_runs_inside_that_launch(tmp_path, cache_dir):
+    out = tmp_path / "inside"
+    horovodrun = str(Path(sys.executable).with_name("horovodrun"))
+    command = [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvd_largebatch", "bench",
+               "--framework", "torch", "--methods", "sgd", "--batch-sizes", "64", "--epochs", "1",
+               "--train-size", str(TINY.train_size), "--test-size", str(TINY.test_size), "--out", str(out)]
+    env = {**os.environ, "HVD_LB_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    for _ in range(2):  # Gloo's rendezvous can lose a port race on a busy machine
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0 or not bench.lost_gloo_connection(proc.stderr.splitlines()):
+            break
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[0]<stdout>:[1/1] torch sgd    batch    64" in proc.stdout
+    assert "[0]<stdout>:| sgd |" in proc.stdout and "[1]<stdout>" not in proc.stdout
+    assert [r["key"] for r in ResultsStore(out).records] == ["torch:sgd:64"]
+    assert (out / "table.md").exists() and (out / "accuracy_vs_batch.png").exists()
