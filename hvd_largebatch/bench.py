@@ -62,7 +62,7 @@ __all__ = [
 FRAMEWORKS = tuple(RUNNER_MODULES)
 BACKENDS = ("gloo", "mpi")
 DEFAULT_BATCH_SIZES = (128, 512, 2048, 8192)
-DEFAULT_EPOCHS = 10
+DEFAULT_EPOCHS = 5
 DEFAULT_WORKERS = 2
 
 Echo = Callable[[str], None]
