@@ -11,10 +11,11 @@ Prints, for one run on this machine, the median time per training step of
   background thread (PyTorch);
 
 with ratios to ``clean``, and the split of the adversarial step into its parts
-(attack; clean forward+backward; adversarial forward+backward) from which the
-share of the attack that concurrency hides is computed::
+(attack; clean forward+backward; adversarial forward+backward) and the
+ConAdv step with the attack removed (``floor``: what concurrency can reach at
+best), from which the share of the attack that concurrency hides is computed::
 
-    hidden = (sequential - concurrent) / attack
+    hidden = (sequential - concurrent) / (sequential - floor)
 
 PyTorch runs with 1 and with 2 intra-op threads (on a 2-core machine, 1
 thread leaves the second core to the background attack; 2 threads make the
@@ -29,7 +30,7 @@ GPU reasoning.
 
 Usage::
 
-    python benchmarks/conadv_step_time.py                 # torch and keras, batch 256
+    python benchmarks/conadv_step_time.py                 # torch and keras, batches 256 and 1024
     python benchmarks/conadv_step_time.py --framework torch --batch 1024 --rounds 7
 """
 
@@ -53,10 +54,11 @@ EPSILON = 0.35  # the bench's MNIST-1D setting (hvd_largebatch.recipes.CONADV_AR
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--framework", choices=("torch", "keras", "both"), default="both")
-    parser.add_argument("--batch", type=int, default=256, help="per-worker batch size")
+    parser.add_argument("--batch", default="256,1024", help="per-worker batch sizes (comma-separated)")
     parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are over rounds)")
     parser.add_argument("--threads", default="1,2", help="torch intra-op thread counts to measure")
+    parser.add_argument("--keras-repeats", type=int, default=3, help="Keras processes per pool size (median)")
     parser.add_argument("--keras-worker", type=int, default=None, help=argparse.SUPPRESS)  # inter-op threads
     return parser.parse_args(argv)
 
@@ -134,7 +136,19 @@ def torch_measure(batch: int, steps: int, rounds: int, threads: int) -> dict[str
         with auxiliary_bn(model):
             F.cross_entropy(model(x_adv), y).backward()
 
-    steppers.update(attack=attack, clean_fwd_bwd=clean_fwd_bwd, adversarial_fwd_bwd=adversarial_fwd_bwd)
+    def free_attack() -> None:
+        # ConAdv's step with the attack removed (adversarial batch given): the floor concurrency can reach.
+        snapshot.refresh(model, 0)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        with auxiliary_bn(model):
+            loss = loss + F.cross_entropy(model(x_adv), y)
+        loss.backward()
+        opt.step()
+
+    steppers.update(
+        free_attack=free_attack, attack=attack, clean_fwd_bwd=clean_fwd_bwd, adversarial_fwd_bwd=adversarial_fwd_bwd
+    )
     try:
         return interleaved(steppers, steps, rounds)
     finally:
@@ -193,10 +207,13 @@ def print_torch(threads: int, ms: dict[str, float]) -> None:
     print("  split of the adversarial step:")
     for name in PARTS:
         print(f"    {name:<20} {ms[name]:8.2f}  ({ms[name] / clean:4.2f}x clean step)")
-    overhead = ms["sequential"] - clean
+    print(f"  ConAdv step without the attack (the floor):  {ms['free_attack']:8.2f}  ({ms['free_attack'] / clean:4.2f}x)")
+    attack_in_step = ms["sequential"] - ms["free_attack"]
     saved = ms["sequential"] - ms["concurrent"]
-    print(f"  adversarial overhead (sequential - clean): {overhead:.2f} ms; concurrency saves {saved:.2f} ms")
-    print(f"  hidden share of the attack: {saved / ms['attack']:.0%}; of the whole overhead: {saved / overhead:.0%}")
+    print(f"  attack inside the sequential step (sequential - floor): {attack_in_step:.2f} ms; "
+          f"concurrency saves {saved:.2f} ms = {saved / attack_in_step:.0%} of it hidden; "
+          f"adversarial overhead over clean: sequential {ms['sequential'] - clean:.2f} ms, "
+          f"concurrent {ms['concurrent'] - clean:.2f} ms")
 
 
 def print_keras(inter_op: int, ms: dict[str, float]) -> None:
@@ -209,17 +226,30 @@ def print_keras(inter_op: int, ms: dict[str, float]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    batches = [int(b) for b in args.batch.split(",")]
     if args.keras_worker is not None:
-        print(json.dumps(keras_worker(args.batch, args.steps, args.rounds, args.keras_worker)))
+        print(json.dumps(keras_worker(batches[0], args.steps, args.rounds, args.keras_worker)))
         return
-    print(f"ConAdv step time, bench model (MNIST1DConvNet, dual BN), batch {args.batch}, "
+    for batch in batches:
+        measure_batch(args, batch)
+
+
+def measure_batch(args: argparse.Namespace, batch: int) -> None:
+    print(f"\n=== ConAdv step time, bench model (MNIST1DConvNet, dual BN), batch {batch}, "
           f"{args.rounds} interleaved rounds of {args.steps} steps, {os.cpu_count()} CPU cores, "
           f"load average {os.getloadavg()[0]:.1f} (the overlap needs an idle core: read the figures with it)")
     if args.framework in ("torch", "both"):
         for threads in [int(t) for t in args.threads.split(",")]:
-            print_torch(threads, torch_measure(args.batch, args.steps, args.rounds, threads))
+            print_torch(threads, torch_measure(batch, args.steps, args.rounds, threads))
     if args.framework in ("keras", "both"):
-        keras_results = {inter_op: keras_measure(args.batch, args.steps, args.rounds, inter_op) for inter_op in (1, 2)}
+        runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+        for _ in range(args.keras_repeats):  # alternate the two pool sizes, one process each
+            for inter_op in (1, 2):
+                runs[inter_op].append(keras_measure(batch, args.steps, args.rounds, inter_op))
+        keras_results = {
+            inter_op: {name: statistics.median(run[name] for run in measured) for name in measured[0]}
+            for inter_op, measured in runs.items()
+        }
         for inter_op, ms in keras_results.items():
             print_keras(inter_op, ms)
         serial, parallel = keras_results[1], keras_results[2]
