@@ -191,7 +191,8 @@ def _worker_environment(workers: int, backend: str) -> dict[str, str]:
     return env
 
 
-_RANK_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
+#: A worker's line as horovodrun shows it: ``[rank]<stdout>:`` (Gloo) or ``[job,rank]<stdout>:`` (MPI).
+_RANK_LINE = re.compile(r"^\[(?:\d+,)?(\d+)\]<(stdout|stderr)>:(.*)$")
 
 
 def _stream_horovodrun(command: list[str], env: dict[str, str], log_path: Path, echo: Echo) -> tuple[int, list[str]]:

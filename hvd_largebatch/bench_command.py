@@ -20,6 +20,7 @@ import shlex
 from typing import Any
 
 from hvd_largebatch import bench
+from hvd_largebatch.bench_worker import print_line
 from hvd_largebatch.data import DEFAULT_SEED, DEFAULT_TEST_SIZE, DEFAULT_TRAIN_SIZE, MNIST1DSpec
 from hvd_largebatch.recipes import BASE_BATCH, BASE_LRS, METHOD_NAMES, METHODS
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         settings = _settings(args, workers)
         return bench.plan_sweep(args.framework, methods, batch_sizes, settings), settings
 
-    echo = lambda line: print(line, flush=True)  # noqa: E731
+    echo = print_line
     if bench.inside_horovodrun():
         return bench.run_sweep_inside_horovodrun(args.framework, build, args.out, command_text=command_text, echo=echo)
     plans, settings = build(args.workers if args.workers is not None else bench.DEFAULT_WORKERS)

@@ -40,6 +40,7 @@ __all__ = [
     "load_runner",
     "run_job",
     "format_duration",
+    "print_line",
     "main",
 ]
 
@@ -185,6 +186,12 @@ def run_job(job: WorkerJob, runner: CellRunner, *, echo: Callable[[str], None] =
             )
 
 
+def print_line(line: str) -> None:
+    """Prints ``line`` with one ``write`` (mpirun tags every write, so text and newline go together)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _rank_from_environment() -> int:
     for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
         if name in os.environ:
@@ -206,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FailureMarkers(job.out_dir).mark_failed(_rank_from_environment(), None, error, traceback.format_exc())
         raise
     try:
-        run_job(job, runner, echo=lambda line: print(line, flush=True))
+        run_job(job, runner, echo=print_line)
     except CellFailed:
         return 1
     return 0

@@ -426,6 +426,19 @@ def test_failure_message_prefers_the_original_error_over_horovod_shutdown(tmp_pa
     assert "before any cell started" in message and "boom: no horovod" in message
 
 
+def test_the_launcher_shows_rank_0_stdout_only_and_logs_everything(tmp_path):
+    script = (
+        "printf '[0]<stdout>:gloo rank 0\\n[1]<stdout>:gloo rank 1\\n[0]<stderr>:warning\\n"
+        "[1,0]<stdout>:mpi rank 0\\n[1,1]<stdout>:mpi rank 1\\nhorovodrun itself\\n'; exit 3"
+    )
+    shown = []
+    status, tail = bench._stream_horovodrun(["sh", "-c", script], dict(os.environ), tmp_path / "log", shown.append)
+    assert status == 3
+    assert shown == ["gloo rank 0", "mpi rank 0"]
+    assert tail == ["[1]<stdout>:gloo rank 1", "[0]<stderr>:warning", "[1,1]<stdout>:mpi rank 1", "horovodrun itself"]
+    assert "gloo rank 1" in (tmp_path / "log").read_text()
+
+
 def test_only_a_refused_gloo_rendezvous_counts_as_a_lost_connection():
     assert bench.lost_gloo_connection(["[1]<stderr>: gloo::IoException: Connection refused [127.0.0.1]:4001"])
     assert not bench.lost_gloo_connection(["ValueError: Connection refused by the user"])
