@@ -20,7 +20,7 @@ goyal     momentum SGD     linear       gradual warmup (Goyal), same step decay
 lars      LARS             sqrt         gradual warmup, poly(2) decay to 0
 clars     CLARS (exact)    sqrt         no warmup, poly(2) decay to 0
 lamb      LAMB             sqrt         gradual warmup, poly(2) decay to 0
-conadv    ConAdv + LARS    sqrt         as lars
+conadv    ConAdv + LARS    sqrt         as lars (mean of clean and adversarial loss)
 ========  ===============  ===========  ==============================================
 
 Notes on the choices (where the papers leave room):
@@ -160,13 +160,17 @@ def _recipe(method: str, summary: str, optimizer: str, args: Mapping[str, Any], 
     )
 
 
-#: ConAdv settings for MNIST-1D: the signals are standardised (std 1, values
-#: roughly in [-5, 5]), so the official 9/255-on-[0, 1] radius becomes 9/255 of
-#: the data's spread: epsilon = alpha = 9 * 2 / 255 * 5 ~ 0.35 on a range of 10,
-#: with no clipping to an input range (the signals are not bounded).
+#: ConAdv settings for MNIST-1D. The official code's radius is 9/255 on [0, 1]
+#: images; the signals here are standardised (std 1, values roughly in [-5, 5])
+#: and unbounded, so there is no clipping to an input range. epsilon = step
+#: size = 0.1 and the weighted *mean* of the clean and adversarial losses
+#: (``average_losses``) follow the ConAdv implementation's docstring: with the
+#: plain sum (ALGORITHMS.md's default) LARS steps the tensors it does not adapt
+#: (BatchNorm, biases) twice as far as in clean training, which cost ConAdv +
+#: LARS 20-30 points on MNIST-1D there; the mean with epsilon 0.1 matched LARS.
 CONADV_ARGS: dict[str, Any] = {
-    "epsilon": 0.35,
-    "step_size": 0.35,
+    "epsilon": 0.1,
+    "step_size": 0.1,
     "staleness": 1,
     "attack_iters": 1,
     "random_start_prob": 0.8,
@@ -174,6 +178,7 @@ CONADV_ARGS: dict[str, Any] = {
     "adv_weight": 1.0,
     "dual_bn": True,
     "input_range": None,
+    "average_losses": True,
 }
 
 METHODS: dict[str, Recipe] = {
