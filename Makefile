@@ -25,6 +25,7 @@ demo: setup  ## the main job, short: a batch-size sweep under horovodrun -np 2 (
 bench: setup  ## optimizer step-time benchmarks (ratios measured side by side)
 	$(PY) benchmarks/torch_optimizers.py
 	$(PY) benchmarks/keras_optimizers.py
+	$(PY) benchmarks/conadv_step_time.py
 
 clean:
 	rm -rf build dist *.egg-info results .pytest_cache

@@ -11,6 +11,9 @@ module (broadcast, metric averaging, per-batch LR from a core schedule with
 momentum correction) and :class:`CLARSModel` (per-example gradient norms for
 CLARS under ``model.fit``). :class:`ScheduleAdapter` turns a core
 :class:`hvd_largebatch.schedules.Schedule` into a Keras ``LearningRateSchedule``.
+ConAdv (Liu, You et al. 2022): :class:`ConAdv`, a model wrapper whose
+``train_step`` trains on clean plus adversarial examples from stale weights,
+and :func:`convert_to_dual_bn` for the auxiliary BatchNorm.
 
 Example (run with ``horovodrun -np 2 -H localhost:2 python train.py``)::
 
@@ -30,7 +33,9 @@ Example (run with ``horovodrun -np 2 -H localhost:2 python train.py``)::
 
 from hvd_largebatch.tf import callbacks
 from hvd_largebatch.tf.clars_model import CLARSModel
+from hvd_largebatch.tf.conadv import ConAdv
 from hvd_largebatch.tf.distributed import DistributedOptimizer
+from hvd_largebatch.tf.dual_bn import DualBatchNormalization, convert_from_dual_bn, convert_to_dual_bn
 from hvd_largebatch.tf.lamb import LAMB
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS, LARS, SGD
@@ -50,4 +55,8 @@ __all__ = [
     "CLARSModel",
     "per_example_grad_norm_sums",
     "ScheduleAdapter",
+    "ConAdv",
+    "DualBatchNormalization",
+    "convert_to_dual_bn",
+    "convert_from_dual_bn",
 ]

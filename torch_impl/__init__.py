@@ -8,7 +8,9 @@ per-iteration warmup: :class:`GradualWarmupScheduler` over a core
 ``hvd_largebatch.schedules.Schedule``. Horovod glue:
 :func:`DistributedOptimizer`, :func:`broadcast_state`, rank-0
 :func:`save_checkpoint` / :func:`load_checkpoint`; CLARS's per-example
-norms: :func:`per_example_grad_norms`.
+norms: :func:`per_example_grad_norms`. ConAdv (Liu, You et al. 2022):
+:class:`ConAdv`, :func:`lookahead`, and :func:`convert_to_dual_bn` for the
+auxiliary BatchNorm of adversarial examples.
 
 Example (launched with ``horovodrun -np 2 -H localhost:2 python train.py``)::
 
@@ -26,7 +28,9 @@ Example (launched with ``horovodrun -np 2 -H localhost:2 python train.py``)::
 
 from hvd_largebatch.torch_impl.checkpoint import load_checkpoint, save_checkpoint
 from hvd_largebatch.torch_impl.clars import CLARS
+from hvd_largebatch.torch_impl.conadv import ConAdv, lookahead, make_adversarial_examples
 from hvd_largebatch.torch_impl.distributed import DistributedOptimizer, broadcast_state
+from hvd_largebatch.torch_impl.dual_bn import convert_from_dual_bn, convert_to_dual_bn
 from hvd_largebatch.torch_impl.lamb import LAMB
 from hvd_largebatch.torch_impl.lamb_functional import lamb_update
 from hvd_largebatch.torch_impl.lars import LARS
@@ -53,4 +57,9 @@ __all__ = [
     "load_checkpoint",
     "per_example_grad_norms",
     "per_example_grad_norm_sums",
+    "ConAdv",
+    "lookahead",
+    "make_adversarial_examples",
+    "convert_to_dual_bn",
+    "convert_from_dual_bn",
 ]
