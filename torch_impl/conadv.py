@@ -33,7 +33,13 @@ How this module does it, per call of :meth:`ConAdv.loss` at step ``t``:
    on a background thread on CPU (PyTorch kernels release the GIL), or on a
    side CUDA stream on GPU (kernels of both streams can run at once). It runs
    while the caller does this step's forward, ``backward()`` (with Horovod,
-   the allreduce) and ``optimizer.step()``.
+   the allreduce) and ``optimizer.step()``. On CPU it needs a free core:
+   measured on the bench model (2 cores, ``benchmarks/conadv_step_time.py``)
+   with ``torch.set_num_threads(1)`` it hid 88% (batch 256) to all (batch
+   1024) of the attack's time, leaving ConAdv at 1.9x / 2.1x a clean step
+   instead of 2.6x / 3.0x; with 2 intra-op threads the cores are already
+   busy and it hid 0% / 35%. On GPU the attack is enqueued from the calling
+   thread, so its kernel-launch time is not hidden, only its GPU time.
 4. return ``clean + adv_weight * adversarial`` for the caller's ``backward()``;
    with Horovod's or the package's ``DistributedOptimizer`` the adversarial
    term is part of the gradient that is averaged, like any loss term.
