@@ -40,8 +40,10 @@ How the train step does it:
   one batch, so the attack overlaps the clean half of the same step rather than
   the previous step's whole backward and allreduce; with ``tau = 0`` the graph
   has the same parallel structure, so on Keras the staleness reproduces the
-  algorithm but does not buy extra overlap. (Measured in
-  ``benchmarks/conadv_step_time.py``.)
+  algorithm but does not buy extra overlap. Measured on the bench model
+  (``benchmarks/conadv_step_time.py``, 2 cores, batch 256, 1 intra-op
+  thread): ConAdv costs 2.1-2.2x a clean step with TensorFlow's inter-op pool
+  at 1 (branches serialised) and 1.7x with 2.
 * With ``dual_bn=True`` the adversarial forward passes (attack and training)
   go through the auxiliary BatchNorm; ``evaluate``/``predict``/``call`` use the
   main BatchNorm only. A base model with plain ``BatchNormalization`` layers is
