@@ -35,7 +35,7 @@ from hvd_largebatch.tf import callbacks
 from hvd_largebatch.tf.clars_model import CLARSModel
 from hvd_largebatch.tf.conadv import ConAdv
 from hvd_largebatch.tf.distributed import DistributedOptimizer
-from hvd_largebatch.tf.dual_bn import DualBatchNormalization, convert_from_dual_bn, convert_to_dual_bn
+from hvd_largebatch.tf.dual_bn import DualBatchNormalization, auxiliary_bn, convert_from_dual_bn, convert_to_dual_bn
 from hvd_largebatch.tf.lamb import LAMB
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS, LARS, SGD
@@ -59,4 +59,5 @@ __all__ = [
     "DualBatchNormalization",
     "convert_to_dual_bn",
     "convert_from_dual_bn",
+    "auxiliary_bn",
 ]

@@ -30,7 +30,14 @@ from hvd_largebatch.torch_impl.checkpoint import load_checkpoint, save_checkpoin
 from hvd_largebatch.torch_impl.clars import CLARS
 from hvd_largebatch.torch_impl.conadv import ConAdv, lookahead, make_adversarial_examples
 from hvd_largebatch.torch_impl.distributed import DistributedOptimizer, broadcast_state
-from hvd_largebatch.torch_impl.dual_bn import convert_from_dual_bn, convert_to_dual_bn
+from hvd_largebatch.torch_impl.dual_bn import (
+    DualBatchNorm1d,
+    DualBatchNorm2d,
+    DualBatchNorm3d,
+    auxiliary_bn,
+    convert_from_dual_bn,
+    convert_to_dual_bn,
+)
 from hvd_largebatch.torch_impl.lamb import LAMB
 from hvd_largebatch.torch_impl.lamb_functional import lamb_update
 from hvd_largebatch.torch_impl.lars import LARS
@@ -62,4 +69,8 @@ __all__ = [
     "make_adversarial_examples",
     "convert_to_dual_bn",
     "convert_from_dual_bn",
+    "auxiliary_bn",
+    "DualBatchNorm1d",
+    "DualBatchNorm2d",
+    "DualBatchNorm3d",
 ]
