@@ -25,6 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from keras.src.backend.common import global_state  # noqa: E402
 
 from hvd_largebatch import config, reference, schedules  # noqa: E402
 from hvd_largebatch.tf import CLARSModel, callbacks  # noqa: E402
@@ -145,7 +146,9 @@ def run_torch(name, core, x, y, weights):
 # ---------------------------------------------------------------- Keras
 def run_keras(name, keras_kwargs, x, y, weights):
     previous = keras.backend.floatx()
+    previous_policy = global_state.get_global_attribute("dtype_policy", None)
     keras.backend.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # Keras caches the policy from floatx on first use
     try:
         inputs = keras.Input((IN,))
         hidden = keras.layers.Dense(HIDDEN, activation="tanh", name="dense")(inputs)
@@ -160,6 +163,7 @@ def run_keras(name, keras_kwargs, x, y, weights):
         assert int(optimizer.iterations.numpy()) == STEPS
         return [v.numpy() for v in model.trainable_variables]
     finally:
+        global_state.set_global_attribute("dtype_policy", previous_policy)
         keras.backend.set_floatx(previous)
 
 
@@ -214,7 +218,9 @@ def test_clars_with_batchnorm_agrees_between_torch_and_keras():
     from_torch[0], from_torch[4] = from_torch[0].T, from_torch[4].T
 
     previous = keras.backend.floatx()
+    previous_policy = global_state.get_global_attribute("dtype_policy", None)
     keras.backend.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # Keras caches the policy from floatx on first use
     try:
         inputs = keras.Input((IN,))
         h = keras.layers.Dense(HIDDEN, name="dense")(inputs)
@@ -229,6 +235,7 @@ def test_clars_with_batchnorm_agrees_between_torch_and_keras():
                   callbacks=[callbacks.GradualWarmupCallback(SCHEDULE)])
         from_keras = [v.numpy() for v in model.trainable_variables]
     finally:
+        global_state.set_global_attribute("dtype_policy", previous_policy)
         keras.backend.set_floatx(previous)
     for index, (t, k) in enumerate(zip(from_torch, from_keras)):
         assert relative_error(k, t) <= RTOL, f"keras vs torch, tensor {index}"
