@@ -159,15 +159,12 @@ def parse_estimator(estimator: Any) -> tuple[str, int | None]:
 # --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Record:
-    """Base of the frozen, validated records; subclasses define ``_validate``."""
+    """Base of the frozen, validated records; each subclass defines ``_validate``, run on construction."""
 
     name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self._validate()
-
-    def _validate(self) -> None:  # pragma: no cover - every subclass overrides
-        raise NotImplementedError
 
     def _set(self, field: str, value: Any) -> None:
         object.__setattr__(self, field, value)
