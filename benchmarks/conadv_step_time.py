@@ -48,7 +48,7 @@ from collections.abc import Callable
 
 VARIANTS = ("clean", "sequential", "stale", "concurrent")
 PARTS = ("attack", "clean_fwd_bwd", "adversarial_fwd_bwd")
-EPSILON = 0.35  # the bench's MNIST-1D setting (hvd_largebatch.recipes.CONADV_ARGS)
+EPSILON = 0.35  # the bench's MNIST-1D setting (hvd_largebatch.bench.recipes.CONADV_ARGS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,7 +90,7 @@ def torch_measure(batch: int, steps: int, rounds: int, threads: int) -> dict[str
     from hvd_largebatch.torch_impl import LARS
     from hvd_largebatch.torch_impl.conadv import ConAdv, _Snapshot, make_adversarial_examples
     from hvd_largebatch.torch_impl.dual_bn import auxiliary_bn, convert_to_dual_bn
-    from hvd_largebatch.torch_impl.models import MNIST1DConvNet
+    from hvd_largebatch.bench.torch_model import MNIST1DConvNet
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -169,7 +169,7 @@ def keras_worker(batch: int, steps: int, rounds: int, inter_op: int) -> dict[str
     import keras
     from hvd_largebatch.tf import LARS
     from hvd_largebatch.tf.conadv import ConAdv
-    from hvd_largebatch.tf.models import mnist1d_convnet
+    from hvd_largebatch.bench.keras_model import mnist1d_convnet
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, 40)).astype("float32")

@@ -116,6 +116,18 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_non_negative_int(name: str, value: Any) -> int:
+    """Returns ``value`` as an int, or raises ValueError unless it is an integer >= 0 (a seed, a rank, an epoch)."""
+    if isinstance(value, bool) or not isinstance(value, int) and not (
+        _is_numpy_scalar(value) and float(value).is_integer()
+    ):
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
 def check_bool(name: str, value: Any) -> bool:
     """Returns ``value``, or raises ValueError unless it is a bool."""
     if not isinstance(value, bool):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hvd_largebatch.bench import lost_gloo_connection
+from hvd_largebatch.bench.launch import lost_gloo_connection
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -36,9 +36,9 @@ def cache_dir(tmp_path_factory):
     [("torch_mnist1d.py", []), ("torch_mnist1d.py", ["--optimizer", "clars"]), ("keras_mnist1d.py", [])],
 )
 def test_example_smoke_run_under_horovodrun(script, extra, cache_dir):
-    env = {**os.environ, "HVD_LB_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [horovodrun(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(EXAMPLES / script),
-               "--smoke", *extra]
+               "--smoke", "--data-dir", str(cache_dir), *extra]
     for _ in range(2):  # Gloo's TCP rendezvous can lose a port race on a busy machine: try once more
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         output = proc.stdout + proc.stderr

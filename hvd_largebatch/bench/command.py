@@ -1,7 +1,7 @@
 """The ``hvd-largebatch bench`` command: the batch-size sweep on MNIST-1D under Horovod.
 
 Registered by :mod:`hvd_largebatch.cli` through :func:`register`; the work is
-done by :mod:`hvd_largebatch.bench`.
+done by :mod:`hvd_largebatch.bench.plan` and :mod:`hvd_largebatch.bench.launch`.
 
 Example (shell)::
 
@@ -19,10 +19,10 @@ import argparse
 import shlex
 from typing import Any
 
-from hvd_largebatch import bench
-from hvd_largebatch.bench_worker import print_line
-from hvd_largebatch.data import DEFAULT_SEED, DEFAULT_TEST_SIZE, DEFAULT_TRAIN_SIZE, MNIST1DSpec
-from hvd_largebatch.recipes import BASE_BATCH, BASE_LRS, METHOD_NAMES, METHODS
+from hvd_largebatch.bench import launch, plan
+from hvd_largebatch.bench.data import DEFAULT_SEED, DEFAULT_TEST_SIZE, DEFAULT_TRAIN_SIZE, MNIST1DSpec
+from hvd_largebatch.bench.recipes import BASE_BATCH, BASE_LRS, METHOD_NAMES, METHODS
+from hvd_largebatch.bench.worker import print_line
 
 __all__ = ["register", "run"]
 
@@ -40,24 +40,24 @@ def register(subparsers: Any) -> None:
             "horovodrun. Rerun the same command to resume an interrupted sweep. Methods: " + methods_help
         ),
     )
-    parser.add_argument("--framework", choices=bench.FRAMEWORKS, default="torch", help="default: torch")
+    parser.add_argument("--framework", choices=plan.FRAMEWORKS, default="torch", help="default: torch")
     parser.add_argument(
         "--methods", default=",".join(METHOD_NAMES), help=f"comma-separated, default: {','.join(METHOD_NAMES)}"
     )
     parser.add_argument(
         "--batch-sizes",
-        default=",".join(map(str, bench.DEFAULT_BATCH_SIZES)),
+        default=",".join(map(str, plan.DEFAULT_BATCH_SIZES)),
         help="global batch sizes, comma-separated, default: %(default)s",
     )
-    parser.add_argument("--epochs", type=int, default=bench.DEFAULT_EPOCHS, help="epochs per cell, default: %(default)s")
+    parser.add_argument("--epochs", type=int, default=plan.DEFAULT_EPOCHS, help="epochs per cell, default: %(default)s")
     parser.add_argument(
         "--workers",
         type=int,
         default=None,
-        help=f"Horovod processes on localhost, default: {bench.DEFAULT_WORKERS} (inside horovodrun: its size)",
+        help=f"Horovod processes on localhost, default: {plan.DEFAULT_WORKERS} (inside horovodrun: its size)",
     )
     parser.add_argument("--out", default="results", help="output directory, default: %(default)s")
-    parser.add_argument("--backend", choices=bench.BACKENDS, default="gloo", help="horovodrun controller, default: gloo")
+    parser.add_argument("--backend", choices=launch.BACKENDS, default="gloo", help="horovodrun controller, default: gloo")
     parser.add_argument("--seed", type=int, default=0, help="model-initialisation and data-order seed, default: 0")
     parser.add_argument("--train-size", type=int, default=DEFAULT_TRAIN_SIZE, help="MNIST-1D training examples")
     parser.add_argument("--test-size", type=int, default=DEFAULT_TEST_SIZE, help="MNIST-1D test examples")
@@ -74,14 +74,14 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _settings(args: argparse.Namespace, workers: int) -> bench.SweepSettings:
-    return bench.SweepSettings(
+def _settings(args: argparse.Namespace, workers: int) -> plan.SweepSettings:
+    return plan.SweepSettings(
         epochs=args.epochs,
         workers=workers,
         seed=args.seed,
         data=MNIST1DSpec(train_size=args.train_size, test_size=args.test_size, seed=args.data_seed),
         base_batch=args.base_batch,
-        base_lrs=bench.parse_base_lrs(args.base_lr),
+        base_lrs=plan.parse_base_lrs(args.base_lr),
     )
 
 
@@ -105,20 +105,20 @@ def _command_text(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the sweep; returns 0, 1 when a cell failed, 2 for bad arguments (via ValueError)."""
-    methods = bench.parse_name_list(args.methods, "--methods", METHOD_NAMES)
-    batch_sizes = bench.parse_int_list(args.batch_sizes, "--batch-sizes")
+    methods = plan.parse_name_list(args.methods, "--methods", METHOD_NAMES)
+    batch_sizes = plan.parse_int_list(args.batch_sizes, "--batch-sizes")
     command_text = _command_text(args)
 
     def build(workers: int):
         if args.workers is not None and args.workers != workers:
             raise ValueError(f"--workers={args.workers} but horovodrun started {workers} processes")
         settings = _settings(args, workers)
-        return bench.plan_sweep(args.framework, methods, batch_sizes, settings), settings
+        return plan.plan_sweep(args.framework, methods, batch_sizes, settings), settings
 
     echo = print_line
-    if bench.inside_horovodrun():
-        return bench.run_sweep_inside_horovodrun(args.framework, build, args.out, command_text=command_text, echo=echo)
-    plans, settings = build(args.workers if args.workers is not None else bench.DEFAULT_WORKERS)
-    return bench.launch_sweep(
+    if launch.inside_horovodrun():
+        return launch.run_sweep_inside_horovodrun(args.framework, build, args.out, command_text=command_text, echo=echo)
+    plans, settings = build(args.workers if args.workers is not None else plan.DEFAULT_WORKERS)
+    return launch.launch_sweep(
         args.framework, plans, settings, args.out, backend=args.backend, command_text=command_text, echo=echo
     )

@@ -23,7 +23,7 @@ Everything here is NumPy and the standard library; ``mnist1d`` (which pulls in
 SciPy, matplotlib and requests) is imported only when a dataset is generated.
 
 Example:
-    >>> from hvd_largebatch.data import ShardedBatches
+    >>> from hvd_largebatch.bench.data import ShardedBatches
     >>> shards = [ShardedBatches(10, global_batch=4, rank=r, world_size=2, seed=0) for r in (0, 1)]
     >>> shards[0].steps_per_epoch, shards[0].per_worker_batch
     (2, 2)
@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from hvd_largebatch import schedules
-from hvd_largebatch.config import check_positive_int
+from hvd_largebatch.bench.atomic_file import write_atomically
+from hvd_largebatch.config import check_non_negative_int, check_positive_int
 
 __all__ = [
     "DEFAULT_TRAIN_SIZE",
@@ -99,13 +99,12 @@ class MNIST1DSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "train_size", check_positive_int("train_size", self.train_size))
         object.__setattr__(self, "test_size", check_positive_int("test_size", self.test_size))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        object.__setattr__(self, "seed", check_non_negative_int("seed", self.seed))
         overrides = dict(self.generator_overrides)
         fixed = sorted(set(overrides) & set(_FIXED_GENERATOR_ARGS))
         if fixed:
             raise ValueError(
-                f"generator_overrides may not set {', '.join(fixed)} (fixed by hvd_largebatch.data); "
+                f"generator_overrides may not set {', '.join(fixed)} (fixed by hvd_largebatch.bench.data); "
                 f"use train_size/test_size/seed"
             )
         object.__setattr__(self, "generator_overrides", tuple(sorted(overrides.items())))
@@ -219,30 +218,6 @@ def _generate(spec: MNIST1DSpec, args: dict[str, Any]) -> tuple[np.ndarray, ...]
     return x[:train], y[:train], x[train:total], y[train:total]
 
 
-def _public_mode() -> int:
-    """0666 minus the process umask: the mode ``open()`` would have given the file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_PUBLIC_MODE = _public_mode()
-
-
-def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.chmod(temporary, _PUBLIC_MODE)  # mkstemp makes 0600; the cache is an ordinary file
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def load_mnist1d(
     spec: MNIST1DSpec | None = None,
     *,
@@ -280,7 +255,8 @@ def load_mnist1d(
     if log is not None:
         log(f"generating MNIST-1D ({spec.train_size:,} train / {spec.test_size:,} test, seed {spec.seed}) -> {path}")
     arrays = dict(zip(names, _generate(spec, args)))
-    _write_atomically(path, {**arrays, "generator_args": np.array(json.dumps(args, sort_keys=True))})
+    stored = {**arrays, "generator_args": np.array(json.dumps(args, sort_keys=True))}
+    write_atomically(path, lambda stream: np.savez(stream, **stored), binary=True)
     return MNIST1D(spec=spec, generator_args=args, path=path, **arrays)
 
 
@@ -294,10 +270,9 @@ def epoch_permutation(num_examples: int, epoch: int, seed: int) -> np.ndarray:
         ValueError: naming the argument for a non-integer or negative value.
     """
     num_examples = check_positive_int("num_examples", num_examples)
-    for name, value in (("epoch", epoch), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
+    epoch = check_non_negative_int("epoch", epoch)
+    seed = check_non_negative_int("seed", seed)
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 class ShardedBatches:
@@ -322,9 +297,9 @@ class ShardedBatches:
     def __init__(self, num_examples: int, global_batch: int, rank: int, world_size: int, seed: int):
         self.num_examples = check_positive_int("num_examples", num_examples)
         self.world_size = check_positive_int("world_size", world_size)
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
+        self.rank = check_non_negative_int("rank", rank)
+        if self.rank >= self.world_size:
             raise ValueError(f"rank must be an integer in [0, {self.world_size}), got {rank!r}")
-        self.rank = int(rank)
         self.per_worker_batch = schedules.per_worker_batch_size(global_batch, self.world_size)
         self.global_batch = int(global_batch)
         self.steps_per_epoch = schedules.steps_per_epoch(self.num_examples, self.global_batch)
@@ -363,9 +338,10 @@ class ShardedBatches:
             yield x[step_indices], y[step_indices]
 
     def _check_step(self, step: int) -> int:
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < self.steps_per_epoch:
+        checked = check_non_negative_int("step", step)
+        if checked >= self.steps_per_epoch:
             raise ValueError(f"step must be an integer in [0, {self.steps_per_epoch}), got {step!r}")
-        return int(step)
+        return checked
 
     def __repr__(self) -> str:
         return (
@@ -381,8 +357,8 @@ def shard_of(array: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     counts are summed with one allreduce.
     """
     world_size = check_positive_int("world_size", world_size)
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+    if check_non_negative_int("rank", rank) >= world_size:
         raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
     bounds = np.linspace(0, len(array), world_size + 1).round().astype(int)
-    return array[bounds[rank] : bounds[rank + 1]]
+    return array[bounds[int(rank)] : bounds[int(rank) + 1]]
 

@@ -14,9 +14,9 @@ otherwise). CLARS trains through
 norms) and ConAdv through :class:`~hvd_largebatch.tf.conadv.ConAdv` (dual
 BatchNorm). The data come from :class:`MNIST1DShard`, a ``keras.utils.PyDataset``
 that gives this rank its part of every global batch in the epoch order shared
-by all ranks (:class:`hvd_largebatch.data.ShardedBatches`).
+by all ranks (:class:`hvd_largebatch.bench.data.ShardedBatches`).
 
-:class:`HorovodCellRunner` is what :mod:`hvd_largebatch.bench_worker` loads.
+:class:`HorovodCellRunner` is what :mod:`hvd_largebatch.bench.worker` loads.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hvd_largebatch.data import MNIST1D, ShardedBatches, shard_of
-from hvd_largebatch.recipes import CellPlan
+from hvd_largebatch.bench.data import MNIST1D, ShardedBatches, shard_of
+from hvd_largebatch.bench.keras_model import mnist1d_convnet
+from hvd_largebatch.bench.recipes import CellPlan
 from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, create_optimizer
 from hvd_largebatch.tf.callbacks import (
     BroadcastGlobalVariablesCallback,
@@ -39,7 +40,7 @@ from hvd_largebatch.tf.callbacks import (
     LearningRateScheduleCallback,
     MetricAverageCallback,
 )
-from hvd_largebatch.tf.models import mnist1d_convnet
+from hvd_largebatch.tf.large_batch_optimizer import KERAS_TO_CORE_NAMES
 
 __all__ = [
     "HorovodCellRunner",
@@ -51,12 +52,15 @@ __all__ = [
 ]
 
 _EVAL_CHUNK = 2048
-_KERAS_SPELLING = {"lr": "learning_rate", "eps": "epsilon", "beta1": "beta_1", "beta2": "beta_2"}
 
 
 def keras_optimizer_arguments(core_args: Mapping[str, Any]) -> dict[str, Any]:
-    """The core-spelling optimizer record in Keras spelling (``eps`` -> ``epsilon``, ``beta1`` -> ``beta_1``)."""
-    return {_KERAS_SPELLING.get(name, name): value for name, value in core_args.items()}
+    """The core-spelling optimizer record in Keras spelling (``eps`` -> ``epsilon``, ``beta1`` -> ``beta_1``).
+
+    Reads the library's own spelling map, :data:`hvd_largebatch.tf.large_batch_optimizer.KERAS_TO_CORE_NAMES`.
+    """
+    to_keras = {core: keras_name for keras_name, core in KERAS_TO_CORE_NAMES.items()}
+    return {to_keras.get(name, name): value for name, value in core_args.items()}
 
 
 def configure_threads() -> None:
@@ -227,7 +231,7 @@ def _horovod_version() -> str:
 
 
 class HorovodCellRunner:
-    """The cell runner :mod:`hvd_largebatch.bench_worker` uses: threads, ``hvd.init()``, broadcast, :func:`train_cell`."""
+    """The cell runner :mod:`hvd_largebatch.bench.worker` uses: threads, ``hvd.init()``, broadcast, :func:`train_cell`."""
 
     def __init__(self) -> None:
         configure_threads()

@@ -1,31 +1,31 @@
-"""The batch-size sweep behind ``hvd-largebatch bench``: plan it, run it under Horovod, resume it, report it.
+"""Runs the planned batch-size sweep under Horovod, resumes it, and reports it: ``hvd-largebatch bench``.
 
-For each method of :mod:`hvd_largebatch.recipes` and each global batch size,
+For each method of :mod:`hvd_largebatch.bench.recipes` and each global batch size,
 one *cell* trains the 1-D CNN on MNIST-1D for the same number of epochs under
-Horovod and records the test accuracy. Two ways to run it:
+Horovod and records the test accuracy (:mod:`hvd_largebatch.bench.plan` lists
+the cells). Two ways to run it:
 
 * ``hvd-largebatch bench ...`` (the usual one) plans the sweep, generates and
   caches the data, then launches ``horovodrun -np W -H localhost:W --gloo``
-  on :mod:`hvd_largebatch.bench_worker` itself and shows rank 0's progress;
+  on :mod:`hvd_largebatch.bench.worker` itself and shows rank 0's progress;
 * ``horovodrun -np W ... hvd-largebatch bench ...`` runs the sweep inside
   that launch (detected from Horovod's environment variables): rank 0 plans
   and broadcasts the job.
 
 Either way the output directory holds ``results.json`` (rewritten after
 every cell; a rerun keeps finished cells), ``results.csv``, ``table.md`` and
-``accuracy_vs_batch.png`` (see :mod:`hvd_largebatch.bench_results` and
-:mod:`hvd_largebatch.bench_report`). A failing worker stops the sweep; the
+``accuracy_vs_batch.png`` (see :mod:`hvd_largebatch.bench.results` and
+:mod:`hvd_largebatch.bench.report`). A failing worker stops the sweep; the
 launcher prints which cell failed, on which rank, and why.
 
 This module is framework-free: the frameworks are only imported by the
 workers, through the runner modules named in
-:data:`hvd_largebatch.bench_worker.RUNNER_MODULES`.
+:data:`hvd_largebatch.bench.worker.RUNNER_MODULES`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 import re
 import shlex
@@ -36,21 +36,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hvd_largebatch import bench_report
-from hvd_largebatch.bench_results import RUN_DIRECTORY, FailureMarkers, ResultsStore, write_json_atomically
-from hvd_largebatch.bench_worker import RUNNER_MODULES, CellFailed, WorkerJob, load_runner, run_job
-from hvd_largebatch.config import check_choice, check_positive, check_positive_int
-from hvd_largebatch.data import MNIST1DSpec, load_mnist1d
-from hvd_largebatch.recipes import BASE_BATCH, METHOD_NAMES, CellPlan, plan_cell, recipe_for
+from hvd_largebatch.bench.atomic_file import write_json_atomically
+from hvd_largebatch.bench import report
+from hvd_largebatch.bench.data import load_mnist1d
+from hvd_largebatch.bench.plan import SweepSettings
+from hvd_largebatch.bench.recipes import CellPlan
+from hvd_largebatch.bench.results import RUN_DIRECTORY, FailureMarkers, ResultsStore
+from hvd_largebatch.bench.worker import CellFailed, WorkerJob, load_runner, run_job
+from hvd_largebatch.config import check_choice, check_positive_int
 
 __all__ = [
-    "FRAMEWORKS",
     "BACKENDS",
-    "DEFAULT_BATCH_SIZES",
-    "DEFAULT_EPOCHS",
-    "DEFAULT_WORKERS",
-    "SweepSettings",
-    "plan_sweep",
     "inside_horovodrun",
     "horovodrun_command",
     "launch_sweep",
@@ -59,98 +55,9 @@ __all__ = [
     "failure_message",
 ]
 
-FRAMEWORKS = tuple(RUNNER_MODULES)
 BACKENDS = ("gloo", "mpi")
-DEFAULT_BATCH_SIZES = (128, 512, 2048, 8192)
-DEFAULT_EPOCHS = 5
-DEFAULT_WORKERS = 2
 
 Echo = Callable[[str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepSettings:
-    """What every cell of a sweep shares; a resumed sweep must have the same settings.
-
-    Attributes:
-        epochs: passes over the training set per cell.
-        workers: Horovod processes.
-        seed: model-initialisation and data-order seed (the same for every cell).
-        data: the MNIST-1D spec.
-        base_batch: the batch the base LRs refer to.
-        base_lrs: ``(method, lr)`` overrides of :data:`hvd_largebatch.recipes.BASE_LRS`.
-    """
-
-    epochs: int
-    workers: int = DEFAULT_WORKERS
-    seed: int = 0
-    data: MNIST1DSpec = dataclasses.field(default_factory=MNIST1DSpec)
-    base_batch: int = BASE_BATCH
-    base_lrs: tuple[tuple[str, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "epochs", check_positive_int("epochs", self.epochs))
-        object.__setattr__(self, "workers", check_positive_int("workers", self.workers))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-        object.__setattr__(self, "base_batch", check_positive_int("base_batch", self.base_batch))
-        overrides = dict(self.base_lrs)
-        for method, lr in overrides.items():
-            check_choice("base_lrs method", method, METHOD_NAMES)
-            overrides[method] = check_positive(f"base LR of {method}", lr)
-        object.__setattr__(self, "base_lrs", tuple(sorted(overrides.items())))
-
-    def to_config(self) -> dict[str, Any]:
-        return {
-            "epochs": self.epochs,
-            "workers": self.workers,
-            "seed": self.seed,
-            "data": self.data.to_config(),
-            "base_batch": self.base_batch,
-            "base_lrs": dict(self.base_lrs),
-        }
-
-
-def plan_sweep(
-    framework: str, methods: Sequence[str], batch_sizes: Sequence[int], settings: SweepSettings
-) -> list[CellPlan]:
-    """Every cell of the sweep, method by method, batch sizes ascending.
-
-    Raises:
-        ValueError: naming ``framework``, ``methods`` or ``batch_sizes`` (unknown,
-            repeated or empty), or a batch the data or the workers cannot make.
-    """
-    check_choice("framework", framework, FRAMEWORKS)
-    methods = list(methods)
-    if not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must be a non-empty list without repeats, got {methods!r}")
-    for method in methods:
-        check_choice("methods", method, METHOD_NAMES)
-    batches = [check_positive_int("batch_sizes", b) for b in batch_sizes]
-    if not batches or len(set(batches)) != len(batches):
-        raise ValueError(f"batch_sizes must be a non-empty list without repeats, got {list(batch_sizes)!r}")
-    overrides = dict(settings.base_lrs)
-    plans = []
-    for method in methods:
-        recipe = recipe_for(method, overrides.get(method))
-        for batch in sorted(batches):
-            if batch % settings.workers:
-                raise ValueError(
-                    f"batch_sizes must be multiples of workers={settings.workers} (each worker takes an equal "
-                    f"share of the global batch); got {batch}"
-                )
-            if batch > settings.data.train_size:
-                raise ValueError(
-                    f"batch_sizes must be at most the training set size {settings.data.train_size}; got {batch}"
-                )
-            plans.append(
-                plan_cell(
-                    recipe, framework=framework, global_batch=batch, world_size=settings.workers,
-                    epochs=settings.epochs, train_size=settings.data.train_size, seed=settings.seed,
-                    base_batch=settings.base_batch,
-                )
-            )
-    return plans
 
 
 def inside_horovodrun(environ: Mapping[str, str] | None = None) -> bool:
@@ -170,13 +77,13 @@ def _horovodrun_path() -> str:
 
 
 def horovodrun_command(job_path: str | os.PathLike, workers: int, backend: str = "gloo") -> list[str]:
-    """``horovodrun -np W -H localhost:W --gloo|--mpi python -m hvd_largebatch.bench_worker JOB``."""
+    """``horovodrun -np W -H localhost:W --gloo|--mpi python -m hvd_largebatch.bench.worker JOB``."""
     check_choice("backend", backend, BACKENDS)
     workers = check_positive_int("workers", workers)
     command = [_horovodrun_path(), "-np", str(workers), "-H", f"localhost:{workers}", f"--{backend}"]
     if backend == "mpi":
         command.append("--mpi-args=--oversubscribe")
-    return command + [sys.executable, "-m", "hvd_largebatch.bench_worker", str(job_path)]
+    return command + [sys.executable, "-m", "hvd_largebatch.bench.worker", str(job_path)]
 
 
 def _worker_environment(workers: int, backend: str) -> dict[str, str]:
@@ -274,13 +181,13 @@ def _prepare(
 
 def _finish(out_dir: Path, echo: Echo) -> None:
     store = ResultsStore(out_dir)
-    text = bench_report.write_reports(store)
+    text = report.write_reports(store)
     echo("")
     echo(text.rstrip())
     echo("")
     echo(
-        f"wrote {out_dir / 'results.json'}, {out_dir / bench_report.CSV_FILE}, "
-        f"{out_dir / bench_report.TABLE_FILE}, {out_dir / bench_report.PLOT_FILE}"
+        f"wrote {out_dir / 'results.json'}, {out_dir / report.CSV_FILE}, "
+        f"{out_dir / report.TABLE_FILE}, {out_dir / report.PLOT_FILE}"
     )
 
 
@@ -353,7 +260,7 @@ def _quiet(line: str) -> None:
 def _write_reports_quietly(out_dir: Path) -> None:
     store = ResultsStore(out_dir)
     if store.records:
-        bench_report.write_reports(store)
+        report.write_reports(store)
 
 
 def run_sweep_inside_horovodrun(
@@ -402,44 +309,3 @@ def run_sweep_inside_horovodrun(
     if rank == 0:
         _finish(out_dir, echo)
     return 0
-
-
-def parse_base_lrs(text: str | None) -> tuple[tuple[str, float], ...]:
-    """``"lars=2,sgd=0.1"`` -> ``(("lars", 2.0), ("sgd", 0.1))``.
-
-    Raises:
-        ValueError: naming ``--base-lr`` and the expected form.
-    """
-    if not text:
-        return ()
-    pairs = []
-    for item in text.split(","):
-        method, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            pairs.append((method.strip(), float(value)))
-        except ValueError:
-            raise ValueError(f"--base-lr must look like METHOD=LR[,METHOD=LR...], got {text!r}") from None
-    return tuple(pairs)
-
-
-def parse_int_list(text: str, argument: str) -> list[int]:
-    """``"128,512"`` -> ``[128, 512]``; raises ValueError naming ``argument``."""
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"{argument} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{argument} must hold at least one integer, got {text!r}")
-    return values
-
-
-def parse_name_list(text: str, argument: str, allowed: Iterable[str]) -> list[str]:
-    """``"sgd,lars"`` -> ``["sgd", "lars"]``; raises ValueError naming ``argument`` and the allowed names."""
-    allowed = tuple(allowed)
-    names = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
-        raise ValueError(f"{argument} must be a comma-separated list of {', '.join(allowed)}; got {text!r}")
-    return names

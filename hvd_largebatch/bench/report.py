@@ -1,6 +1,6 @@
 """The reports of a batch-size sweep: results.csv, table.md and accuracy_vs_batch.png.
 
-All three are written from ``results.json`` (:class:`~hvd_largebatch.bench_results.ResultsStore`),
+All three are written from ``results.json`` (:class:`~hvd_largebatch.bench.results.ResultsStore`),
 so they can be regenerated at any time and always agree with it:
 
 * ``results.csv``: one row per finished cell, every hyperparameter and result;
@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hvd_largebatch.bench_results import ResultsStore
-from hvd_largebatch.recipes import METHOD_NAMES
+from hvd_largebatch.bench.recipes import METHOD_NAMES
+from hvd_largebatch.bench.results import ResultsStore
 
 __all__ = [
     "CSV_FILE",

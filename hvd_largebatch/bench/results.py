@@ -3,7 +3,7 @@
 ``hvd-largebatch bench --out DIR`` keeps its state in ``DIR``:
 
 * ``results.json``: the sweep settings, the commands that ran, and one record
-  per finished cell (its full :class:`~hvd_largebatch.recipes.CellPlan` and
+  per finished cell (its full :class:`~hvd_largebatch.bench.recipes.CellPlan` and
   its measured result). Rank 0 rewrites it atomically after every cell, so an
   interrupted sweep loses at most the cell that was running; a rerun of the
   same command skips every finished cell whose plan is unchanged.
@@ -14,7 +14,7 @@
 * ``sweep.log``: everything every rank and ``horovodrun`` printed.
 
 The reports (``results.csv``, ``table.md``, ``accuracy_vs_batch.png``) are
-written from ``results.json`` by :mod:`hvd_largebatch.bench_report`.
+written from ``results.json`` by :mod:`hvd_largebatch.bench.report`.
 
 Standard library only.
 """
@@ -25,51 +25,24 @@ import datetime
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hvd_largebatch.recipes import CellPlan
+from hvd_largebatch.bench.atomic_file import write_json_atomically
+from hvd_largebatch.bench.recipes import CellPlan
 
 __all__ = [
     "RESULTS_FORMAT",
     "RESULTS_FILE",
     "RUN_DIRECTORY",
     "ResultsStore",
-    "write_json_atomically",
     "FailureMarkers",
 ]
 
 RESULTS_FORMAT = 1
 RESULTS_FILE = "results.json"
 RUN_DIRECTORY = "_run"
-
-
-def _public_mode() -> int:
-    """0666 minus the process umask: the mode ``open()`` would have given the file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_PUBLIC_MODE = _public_mode()
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    """Writes ``value`` as JSON to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(value, stream, indent=1, allow_nan=False)
-            stream.write("\n")
-        os.chmod(temporary, _PUBLIC_MODE)  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def _finite_or_none(value: Any) -> Any:

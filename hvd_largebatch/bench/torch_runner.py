@@ -10,10 +10,10 @@ the cell's core schedule, weights and optimizer state broadcast from rank 0 by
 norms with ``add_grad_norms``, and ConAdv through
 :class:`~hvd_largebatch.torch_impl.conadv.ConAdv` with dual BatchNorm. Each
 rank trains on its shard of the global batch
-(:class:`hvd_largebatch.data.ShardedBatches`) and evaluates a disjoint part of
+(:class:`hvd_largebatch.bench.data.ShardedBatches`) and evaluates a disjoint part of
 the test set; the sums are combined with one allreduce.
 
-:class:`HorovodCellRunner` is what :mod:`hvd_largebatch.bench_worker` loads
+:class:`HorovodCellRunner` is what :mod:`hvd_largebatch.bench.worker` loads
 (``hvd.init()`` happens in its constructor).
 """
 
@@ -27,15 +27,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hvd_largebatch.data import MNIST1D, ShardedBatches, shard_of
-from hvd_largebatch.recipes import CellPlan
+from hvd_largebatch.bench.data import MNIST1D, ShardedBatches, shard_of
+from hvd_largebatch.bench.recipes import CellPlan
+from hvd_largebatch.bench.torch_model import MNIST1DConvNet
 from hvd_largebatch.torch_impl import (
     DistributedOptimizer,
     GradualWarmupScheduler,
     broadcast_state,
     create_optimizer,
 )
-from hvd_largebatch.torch_impl.models import MNIST1DConvNet
 
 __all__ = ["HorovodCellRunner", "train_cell", "evaluate", "torch_optimizer_arguments"]
 
@@ -179,7 +179,7 @@ def _horovod_version() -> str:
 
 
 class HorovodCellRunner:
-    """The cell runner :mod:`hvd_largebatch.bench_worker` uses: ``hvd.init()``, broadcast, :func:`train_cell`."""
+    """The cell runner :mod:`hvd_largebatch.bench.worker` uses: ``hvd.init()``, broadcast, :func:`train_cell`."""
 
     def __init__(self) -> None:
         import horovod.torch as hvd

@@ -1,17 +1,17 @@
 """The worker side of ``hvd-largebatch bench``: runs a sweep's pending cells on every rank.
 
-``horovodrun`` starts ``python -m hvd_largebatch.bench_worker DIR/_run/job.json``
+``horovodrun`` starts ``python -m hvd_largebatch.bench.worker DIR/_run/job.json``
 on each rank (or ``hvd-largebatch bench`` itself when the user launched it
 under ``horovodrun``). Every rank loads the same cached MNIST-1D and runs the
 cells in order through a framework *cell runner*
-(``hvd_largebatch.torch_impl.sweep_runner`` or ``hvd_largebatch.tf.sweep_runner``),
+(``hvd_largebatch.bench.torch_runner`` or ``hvd_largebatch.bench.keras_runner``),
 which trains with the package's optimizers, schedules and Horovod glue.
 
 Rank 0 alone prints progress and writes ``results.json`` after each cell; the
 other ranks print nothing. When a cell raises on any rank, that rank writes
 a failure marker naming the cell and exits with status 1; Horovod then shuts
 the other ranks down and the launcher reports the cell (see
-:class:`hvd_largebatch.bench_results.FailureMarkers`).
+:class:`hvd_largebatch.bench.results.FailureMarkers`).
 
 This module is framework-free; the runner module is imported by name.
 """
@@ -28,9 +28,9 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from hvd_largebatch.bench_results import FailureMarkers, ResultsStore
-from hvd_largebatch.data import MNIST1D, MNIST1DSpec, load_mnist1d
-from hvd_largebatch.recipes import CellPlan
+from hvd_largebatch.bench.data import MNIST1D, MNIST1DSpec, load_mnist1d
+from hvd_largebatch.bench.recipes import CellPlan
+from hvd_largebatch.bench.results import FailureMarkers, ResultsStore
 
 __all__ = [
     "RUNNER_MODULES",
@@ -46,8 +46,8 @@ __all__ = [
 
 #: The framework cell runners, imported by name so this module stays framework-free.
 RUNNER_MODULES = {
-    "torch": "hvd_largebatch.torch_impl.sweep_runner",
-    "keras": "hvd_largebatch.tf.sweep_runner",
+    "torch": "hvd_largebatch.bench.torch_runner",
+    "keras": "hvd_largebatch.bench.keras_runner",
 }
 
 EpochCallback = Callable[[Mapping[str, Any]], None]
@@ -200,10 +200,10 @@ def _rank_from_environment() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hvd_largebatch.bench_worker JOB.json``: one rank of a launch; returns the exit code."""
+    """``python -m hvd_largebatch.bench.worker JOB.json``: one rank of a launch; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m hvd_largebatch.bench_worker JOB.json (started by hvd-largebatch bench)", file=sys.stderr)
+        print("usage: python -m hvd_largebatch.bench.worker JOB.json (started by hvd-largebatch bench)", file=sys.stderr)
         return 2
     with open(argv[0]) as stream:
         job = WorkerJob.from_config(json.load(stream))

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hvd_largebatch import bench, bench_report, data, recipes
-from hvd_largebatch.bench_results import FailureMarkers, ResultsStore
-from hvd_largebatch.bench_worker import CellFailed, WorkerJob, run_job
-from hvd_largebatch.data import MNIST1DSpec, ShardedBatches, epoch_permutation, load_mnist1d, shard_of
+from hvd_largebatch.bench import data, launch, plan, recipes, report
+from hvd_largebatch.bench.data import MNIST1DSpec, ShardedBatches, epoch_permutation, load_mnist1d, shard_of
+from hvd_largebatch.bench.results import FailureMarkers, ResultsStore
+from hvd_largebatch.bench.worker import CellFailed, WorkerJob, run_job
 
 TINY = MNIST1DSpec(train_size=1024, test_size=256)
 
@@ -191,7 +191,7 @@ def test_unknown_generator_argument_is_refused(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Recipes and plans
 # --------------------------------------------------------------------------------------------
-def plan(method, batch, *, epochs=9, train_size=60000, framework="torch", world_size=2):
+def cell_plan(method, batch, *, epochs=9, train_size=60000, framework="torch", world_size=2):
     return recipes.plan_cell(
         recipes.METHODS[method], framework=framework, global_batch=batch, world_size=world_size, epochs=epochs,
         train_size=train_size, seed=0,
@@ -200,7 +200,7 @@ def plan(method, batch, *, epochs=9, train_size=60000, framework="torch", world_
 
 def test_every_method_scales_its_base_lr_by_its_rule():
     for method, recipe in recipes.METHODS.items():
-        small, large = plan(method, recipes.BASE_BATCH), plan(method, 64 * recipes.BASE_BATCH)
+        small, large = cell_plan(method, recipes.BASE_BATCH), cell_plan(method, 64 * recipes.BASE_BATCH)
         assert small.schedule.peak == pytest.approx(recipe.base_lr)
         factor = 8.0 if recipe.scaling == "sqrt" else 64.0
         assert large.schedule.peak == pytest.approx(recipe.base_lr * factor), method
@@ -208,7 +208,7 @@ def test_every_method_scales_its_base_lr_by_its_rule():
 
 
 def test_recipes_differ_as_documented():
-    sgd, goyal, lars, clars, lamb, conadv = (plan(m, 2048) for m in recipes.METHOD_NAMES)
+    sgd, goyal, lars, clars, lamb, conadv = (cell_plan(m, 2048) for m in recipes.METHOD_NAMES)
     epochs, spe = 9, 60000 // 2048
     # sgd and goyal: same step decay at 1/3, 2/3, 8/9 of training; only goyal warms up (from the base LR).
     assert sgd.schedule.warmup == "none" and sgd.schedule.decay == "step"
@@ -232,13 +232,13 @@ def test_recipes_differ_as_documented():
 
 def test_a_plan_round_trips_through_json():
     for method in recipes.METHOD_NAMES:
-        cell = plan(method, 512)
+        cell = cell_plan(method, 512)
         assert recipes.CellPlan.from_config(json.loads(json.dumps(cell.to_config()))) == cell
         assert cell.key == f"torch:{method}:512"
 
 
 def test_short_runs_keep_only_milestones_after_the_warmup():
-    cell = plan("goyal", 8192, epochs=1, train_size=60000)  # 7 steps, warmup 1 step
+    cell = cell_plan("goyal", 8192, epochs=1, train_size=60000)  # 7 steps, warmup 1 step
     assert all(m * cell.steps_per_epoch > cell.schedule.warmup_steps for m in cell.schedule.milestones)
 
 
@@ -270,11 +270,11 @@ def test_recipe_for_and_base_lr_override():
 # Sweep planning and the command line
 # --------------------------------------------------------------------------------------------
 def settings(**kwargs):
-    return bench.SweepSettings(**{"epochs": 1, "workers": 2, "data": TINY, **kwargs})
+    return plan.SweepSettings(**{"epochs": 1, "workers": 2, "data": TINY, **kwargs})
 
 
 def test_plan_sweep_orders_cells_by_method_then_batch_and_applies_overrides():
-    plans = bench.plan_sweep("keras", ["lars", "sgd"], [256, 64], settings(base_lrs=(("lars", 0.5),)))
+    plans = plan.plan_sweep("keras", ["lars", "sgd"], [256, 64], settings(base_lrs=(("lars", 0.5),)))
     assert [p.key for p in plans] == ["keras:lars:64", "keras:lars:256", "keras:sgd:64", "keras:sgd:256"]
     assert plans[0].base_lr == 0.5 and plans[2].base_lr == recipes.BASE_LRS["sgd"]
 
@@ -292,13 +292,13 @@ def test_plan_sweep_orders_cells_by_method_then_batch_and_applies_overrides():
 )
 def test_plan_sweep_rejects_bad_input(methods, batches, argument):
     with pytest.raises(ValueError, match=argument):
-        bench.plan_sweep("torch", methods, batches, settings())
+        plan.plan_sweep("torch", methods, batches, settings())
 
 
 def test_inside_horovodrun_is_detected_from_the_environment():
-    assert bench.inside_horovodrun({"HOROVOD_RANK": "1"})
-    assert bench.inside_horovodrun({"OMPI_COMM_WORLD_RANK": "0"})
-    assert not bench.inside_horovodrun({"PATH": "/bin"})
+    assert launch.inside_horovodrun({"HOROVOD_RANK": "1"})
+    assert launch.inside_horovodrun({"OMPI_COMM_WORLD_RANK": "0"})
+    assert not launch.inside_horovodrun({"PATH": "/bin"})
 
 
 @pytest.mark.parametrize(
@@ -357,7 +357,7 @@ def test_worker_stores_each_cell_and_a_failure_names_the_cell_then_resume_keeps_
     tmp_path, cache_env
 ):
     sweep = settings()
-    plans = bench.plan_sweep("torch", ["sgd", "lars"], [64, 256], sweep)
+    plans = plan.plan_sweep("torch", ["sgd", "lars"], [64, 256], sweep)
     store = ResultsStore(tmp_path)
     store.adopt_settings(sweep.to_config())
     store.save()
@@ -385,7 +385,7 @@ def test_worker_stores_each_cell_and_a_failure_names_the_cell_then_resume_keeps_
 def test_store_refuses_other_settings_and_reruns_changed_recipes(tmp_path):
     store = ResultsStore(tmp_path)
     store.adopt_settings(settings().to_config())
-    cell = plan("lars", 512)
+    cell = cell_plan("lars", 512)
     store.add(cell, {"test_accuracy": 0.9, "test_loss": float("nan"), "train_loss": float("inf"), "seconds": 1.0})
     reloaded = ResultsStore(tmp_path)
     assert reloaded.records[0]["result"]["test_loss"] is None  # strict JSON: NaN/Inf stored as null
@@ -394,7 +394,7 @@ def test_store_refuses_other_settings_and_reruns_changed_recipes(tmp_path):
     reloaded.adopt_settings(settings().to_config())  # the same settings are fine
     changed = recipes.plan_cell(recipes.recipe_for("lars", 0.25), framework="torch", global_batch=512,
                                 world_size=2, epochs=9, train_size=60000, seed=0)
-    finished, pending, differs = reloaded.split([cell, changed, plan("sgd", 512)])
+    finished, pending, differs = reloaded.split([cell, changed, cell_plan("sgd", 512)])
     assert [p.key for p in finished] == ["torch:lars:512"]
     assert [p.key for p in pending] == ["torch:lars:512", "torch:sgd:512"]
     assert [p.key for p in differs] == ["torch:lars:512"]
@@ -408,9 +408,9 @@ def test_a_results_file_of_another_kind_is_refused(tmp_path):
 
 def test_failure_message_prefers_the_original_error_over_horovod_shutdown(tmp_path):
     markers = FailureMarkers(tmp_path)
-    cell = plan("lars", 512)
+    cell = cell_plan("lars", 512)
     markers.mark_running(cell, 3, 8)
-    message = bench.failure_message(9, markers, 2, tmp_path / "results.json", tmp_path / "sweep.log")
+    message = launch.failure_message(9, markers, 2, tmp_path / "results.json", tmp_path / "sweep.log")
     assert "during cell torch lars batch 512" in message and "2 finished cell(s) are kept" in message
 
     class HorovodInternalError(RuntimeError):
@@ -418,11 +418,11 @@ def test_failure_message_prefers_the_original_error_over_horovod_shutdown(tmp_pa
 
     markers.mark_failed(0, cell, HorovodInternalError("Horovod has been shut down"), "")
     markers.mark_failed(1, cell, ValueError("the real cause"), "")
-    message = bench.failure_message(1, markers, 2, tmp_path / "results.json", tmp_path / "sweep.log")
+    message = launch.failure_message(1, markers, 2, tmp_path / "results.json", tmp_path / "sweep.log")
     assert message.startswith("hvd-largebatch bench: stopped: cell torch lars batch 512 failed on rank 1: "
                               "ValueError: the real cause")
     markers.clear()
-    message = bench.failure_message(1, markers, 0, tmp_path / "r.json", tmp_path / "l", ["boom: no horovod"])
+    message = launch.failure_message(1, markers, 0, tmp_path / "r.json", tmp_path / "l", ["boom: no horovod"])
     assert "before any cell started" in message and "boom: no horovod" in message
 
 
@@ -432,7 +432,7 @@ def test_the_launcher_shows_rank_0_stdout_only_and_logs_everything(tmp_path):
         "[1,0]<stdout>:mpi rank 0\\n[1,1]<stdout>:mpi rank 1\\nhorovodrun itself\\n'; exit 3"
     )
     shown = []
-    status, tail = bench._stream_horovodrun(["sh", "-c", script], dict(os.environ), tmp_path / "log", shown.append)
+    status, tail = launch._stream_horovodrun(["sh", "-c", script], dict(os.environ), tmp_path / "log", shown.append)
     assert status == 3
     assert shown == ["gloo rank 0", "mpi rank 0"]
     assert tail == ["[1]<stdout>:gloo rank 1", "[0]<stderr>:warning", "[1,1]<stdout>:mpi rank 1", "horovodrun itself"]
@@ -440,9 +440,9 @@ def test_the_launcher_shows_rank_0_stdout_only_and_logs_everything(tmp_path):
 
 
 def test_only_a_refused_gloo_rendezvous_counts_as_a_lost_connection():
-    assert bench.lost_gloo_connection(["[1]<stderr>: gloo::IoException: Connection refused [127.0.0.1]:4001"])
-    assert not bench.lost_gloo_connection(["ValueError: Connection refused by the user"])
-    assert not bench.lost_gloo_connection(["gloo::IoException: Timed out"])
+    assert launch.lost_gloo_connection(["[1]<stderr>: gloo::IoException: Connection refused [127.0.0.1]:4001"])
+    assert not launch.lost_gloo_connection(["ValueError: Connection refused by the user"])
+    assert not launch.lost_gloo_connection(["gloo::IoException: Timed out"])
 
 
 def test_reports_cover_every_finished_cell(tmp_path):
@@ -453,29 +453,29 @@ def test_reports_cover_every_finished_cell(tmp_path):
     for (method, batch), accuracy in accuracies.items():
         history = [{"epoch": 1, "test_accuracy": accuracy}]
         loss = float("nan") if accuracy < 0.5 else 0.3
-        store.add(plan(method, batch), {"test_accuracy": accuracy, "test_loss": 0.3, "train_loss": loss,
+        store.add(cell_plan(method, batch), {"test_accuracy": accuracy, "test_loss": 0.3, "train_loss": loss,
                                         "history": history, "seconds": 12.5})
-    store.add(plan("lamb", 128, framework="keras"), {"test_accuracy": 0.95, "test_loss": 0.2, "train_loss": 0.2,
+    store.add(cell_plan("lamb", 128, framework="keras"), {"test_accuracy": 0.95, "test_loss": 0.2, "train_loss": 0.2,
                                                      "history": [], "seconds": 3.0})
-    text = bench_report.write_reports(ResultsStore(tmp_path))
+    text = report.write_reports(ResultsStore(tmp_path))
 
-    with open(tmp_path / bench_report.CSV_FILE) as stream:
+    with open(tmp_path / report.CSV_FILE) as stream:
         rows = list(csv.DictReader(stream))
-    assert len(rows) == 5 and tuple(rows[0]) == bench_report.CSV_COLUMNS
+    assert len(rows) == 5 and tuple(rows[0]) == report.CSV_COLUMNS
     by_key = {(r["framework"], r["method"], int(r["global_batch"])): r for r in rows}
     assert float(by_key[("torch", "lars", 8192)]["test_accuracy"]) == 0.88
     assert by_key[("torch", "sgd", 8192)]["diverged"] == "True"
     assert json.loads(by_key[("torch", "lars", 128)]["optimizer_config"])["trust_coefficient"] == 0.001
-    assert float(by_key[("torch", "lars", 8192)]["peak_lr"]) == pytest.approx(plan("lars", 8192).schedule.peak)
+    assert float(by_key[("torch", "lars", 8192)]["peak_lr"]) == pytest.approx(cell_plan("lars", 8192).schedule.peak)
     assert float(by_key[("torch", "sgd", 8192)]["peak_lr"]) == pytest.approx(64 * recipes.BASE_LRS["sgd"])
 
-    assert text == (tmp_path / bench_report.TABLE_FILE).read_text()
+    assert text == (tmp_path / report.TABLE_FILE).read_text()
     assert "| sgd | **97.00** | 31.00 (diverged) |" in text
     assert "| lars | 96.00 | **88.00** |" in text
     assert "## keras: test accuracy (%) after 9 epochs" in text
     assert "hvd-largebatch bench --framework torch" in text
     assert "trust_coefficient=0.001" in text and "sqrt" in text
-    assert (tmp_path / bench_report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,10 +484,10 @@ def test_reports_cover_every_finished_cell(tmp_path):
 def test_torch_and_keras_models_have_the_same_parameter_count():
     import torch
 
-    from hvd_largebatch.tf.models import count_parameters as keras_count
-    from hvd_largebatch.tf.models import mnist1d_convnet
-    from hvd_largebatch.torch_impl.models import MNIST1DConvNet
-    from hvd_largebatch.torch_impl.models import count_parameters as torch_count
+    from hvd_largebatch.bench.keras_model import count_parameters as keras_count
+    from hvd_largebatch.bench.keras_model import mnist1d_convnet
+    from hvd_largebatch.bench.torch_model import MNIST1DConvNet
+    from hvd_largebatch.bench.torch_model import count_parameters as torch_count
 
     for channels in [(32, 64, 64), (8, 16, 24)]:
         torch_model, keras_model = MNIST1DConvNet(channels), mnist1d_convnet(channels, seed=0)
@@ -502,7 +502,15 @@ def test_torch_and_keras_models_have_the_same_parameter_count():
 
 @pytest.mark.parametrize(
     "module_name",
-    ["hvd_largebatch.data", "hvd_largebatch.recipes", "hvd_largebatch.torch_impl.models", "hvd_largebatch.tf.models"],
+    [
+        "hvd_largebatch.bench.atomic_file",
+        "hvd_largebatch.bench.data",
+        "hvd_largebatch.bench.model_spec",
+        "hvd_largebatch.bench.plan",
+        "hvd_largebatch.bench.recipes",
+        "hvd_largebatch.bench.torch_model",
+        "hvd_largebatch.bench.keras_model",
+    ],
 )
 def test_docstring_examples_run(module_name):
     import doctest
@@ -564,11 +572,11 @@ def test_tiny_sweep_writes_every_output_and_a_rerun_keeps_finished_cells(framewo
 
 def test_a_failing_cell_stops_the_sweep_naming_it_and_keeps_finished_cells(tmp_path, cache_env, capsys):
     sweep = settings()
-    good = bench.plan_sweep("torch", ["sgd"], [64], sweep)[0]
+    good = plan.plan_sweep("torch", ["sgd"], [64], sweep)[0]
     # A plan made for 3 workers cannot run on 2: the runner raises on both ranks.
     bad = recipes.plan_cell(recipes.METHODS["lars"], framework="torch", global_batch=96, world_size=3, epochs=1,
                             train_size=TINY.train_size, seed=0)
-    status = bench.launch_sweep("torch", [good, bad], sweep, tmp_path, echo=print)
+    status = launch.launch_sweep("torch", [good, bad], sweep, tmp_path, echo=print)
     captured = capsys.readouterr()
     assert status == 1
     assert (
@@ -589,7 +597,7 @@ def test_started_by_horovodrun_the_sweep_runs_inside_that_launch(tmp_path, cache
     env = {**os.environ, "HVD_LB_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
     for _ in range(2):  # Gloo's rendezvous can lose a port race on a busy machine
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode == 0 or not bench.lost_gloo_connection(proc.stderr.splitlines()):
+        if proc.returncode == 0 or not launch.lost_gloo_connection(proc.stderr.splitlines()):
             break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[0]<stdout>:[1/1] torch sgd    batch    64" in proc.stdout

@@ -10,10 +10,10 @@ import numpy as np
 from mnist1d.data import get_dataset_args, make_dataset
 
 import keras
-from hvd_largebatch.recipes import CONADV_ARGS, METHODS, plan_cell
+from hvd_largebatch.bench.recipes import CONADV_ARGS, METHODS, plan_cell
 from hvd_largebatch.tf import LARS, ScheduleAdapter
 from hvd_largebatch.tf.conadv import ConAdv
-from hvd_largebatch.tf.models import mnist1d_convnet
+from hvd_largebatch.bench.keras_model import mnist1d_convnet
 
 BATCH, EPOCHS, SAMPLES = 800, 12, 4000
 CONADV = {**CONADV_ARGS, "epsilon": 0.1, "step_size": 0.1, "average_losses": True}

@@ -2,7 +2,7 @@
 
 MNIST-1D is generated in-process by the ``mnist1d`` package (4,000 samples:
 3,200 train / 800 test; nothing is downloaded). Each optimizer trains the
-Keras model of :mod:`hvd_largebatch.tf.models` for a few epochs at batch 128
+Keras model of :mod:`hvd_largebatch.bench.keras_model` for a few epochs at batch 128
 with a schedule from the core, set per batch by the package's callback
 (CLARS without warmup, as the paper runs it, through :class:`CLARSModel`
 with the ``microbatch:8`` estimator; ``exact`` is checked against a loop in
@@ -19,7 +19,7 @@ from mnist1d.data import get_dataset_args, make_dataset
 
 from hvd_largebatch import schedules
 from hvd_largebatch.tf import CLARS, LAMB, LARS, CLARSModel, callbacks
-from hvd_largebatch.tf.models import mnist1d_convnet
+from hvd_largebatch.bench.keras_model import mnist1d_convnet
 
 BATCH, EPOCHS = 128, 12
 REQUIRED_ACCURACY = 0.80

@@ -1,7 +1,7 @@
 """A small MNIST-1D run: ConAdv + LARS trains the bench model at a large batch (PyTorch).
 
 The optimizer and schedule are the bench's ``conadv`` recipe
-(``hvd_largebatch.recipes``: LARS, square-root LR scaling, gradual warmup,
+(``hvd_largebatch.bench.recipes``: LARS, square-root LR scaling, gradual warmup,
 poly(2) decay) at a global batch of 800 on 3,200 training signals: 4 steps
 per epoch, 12 epochs. ConAdv uses the bench's settings (targeted, random
 start 0.8, dual BN, staleness 1) except ``epsilon = step_size = 0.1`` and
@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from mnist1d.data import get_dataset_args, make_dataset
 
-from hvd_largebatch.recipes import CONADV_ARGS, METHODS, plan_cell
+from hvd_largebatch.bench.recipes import CONADV_ARGS, METHODS, plan_cell
 from hvd_largebatch.torch_impl import GradualWarmupScheduler, create_optimizer
 from hvd_largebatch.torch_impl.conadv import ConAdv
 from hvd_largebatch.torch_impl.dual_bn import convert_to_dual_bn, dual_bn_layers
-from hvd_largebatch.torch_impl.models import MNIST1DConvNet
+from hvd_largebatch.bench.torch_model import MNIST1DConvNet
 
 BATCH, EPOCHS, SAMPLES = 800, 12, 4000
 CONADV = {**CONADV_ARGS, "epsilon": 0.1, "step_size": 0.1, "average_losses": True}
