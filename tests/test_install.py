@@ -1,4 +1,4 @@
-"""Install test: the wheel installs into a fresh venv and all three packages import from it.
+"""Install test: the wheel installs into a fresh venv and all four packages import from it.
 
 The fresh venv sees the project venv's site-packages (torch, TensorFlow,
 Horovod) through a path file, but not the editable install of this checkout,
@@ -40,14 +40,17 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
 
     probe = (
         "import hvd_largebatch, hvd_largebatch.tf, hvd_largebatch.torch_impl, hvd_largebatch.schedules;"
-        "print(hvd_largebatch.__file__); print(hvd_largebatch.tf.__file__); print(hvd_largebatch.torch_impl.__file__)"
+        "import hvd_largebatch.bench.command, hvd_largebatch.bench.torch_runner, hvd_largebatch.bench.keras_runner;"
+        "print(hvd_largebatch.__file__); print(hvd_largebatch.tf.__file__); print(hvd_largebatch.torch_impl.__file__);"
+        "print(hvd_largebatch.bench.__file__)"
     )
     out = subprocess.run(
         [fresh_python, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"},
     ).stdout.split()
-    assert len(out) == 3
+    assert len(out) == 4
     for path in out:
         assert path.startswith(fresh_site), f"{path} was not imported from the installed wheel"
     assert out[1].endswith("hvd_largebatch/tf/__init__.py")
     assert out[2].endswith("hvd_largebatch/torch_impl/__init__.py")
+    assert out[3].endswith("hvd_largebatch/bench/__init__.py")
