@@ -5,7 +5,9 @@ This top-level package is framework-free (standard library and NumPy only):
 hyperparameters and exclusion rules), ``reference`` (the float64 oracle of
 every update rule) and ``cli`` (the ``hvd-largebatch`` command). The framework
 implementations live in ``hvd_largebatch.torch_impl`` and ``hvd_largebatch.tf``
-and are imported only on request.
+and are imported only on request. ``hvd_largebatch.bench`` is an application
+of the libraries (the batch-size sweep behind ``hvd-largebatch bench``), not
+part of them; see docs/architecture.md.
 """
 
 from hvd_largebatch import config, reference, schedules

@@ -165,7 +165,7 @@ def _recipe(method: str, summary: str, optimizer: str, args: Mapping[str, Any], 
 #: and unbounded, so there is no clipping to an input range. epsilon = step
 #: size = 0.1 and the weighted *mean* of the clean and adversarial losses
 #: (``average_losses``) follow the ConAdv implementation's docstring: with the
-#: plain sum (ALGORITHMS.md's default) LARS steps the tensors it does not adapt
+#: plain sum (the default of docs/algorithms.md) LARS steps the tensors it does not adapt
 #: (BatchNorm, biases) twice as far as in clean training, which cost ConAdv +
 #: LARS 20-30 points on MNIST-1D there; the mean with epsilon 0.1 matched LARS.
 CONADV_ARGS: dict[str, Any] = {
