@@ -55,10 +55,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=10_000, help="MNIST-1D test examples, default: 10000")
     parser.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "mnist1d"),
                         help="where the generated MNIST-1D is kept, default: ~/.cache/mnist1d")
-    parser.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch, batch 256: checks that it all runs")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, 3 epochs, batch 256: checks that it all runs")
     args = parser.parse_args()
     if args.smoke:
-        args.epochs, args.batch_size, args.warmup_epochs = 1, 256, 0.5
+        args.epochs, args.batch_size, args.warmup_epochs = 3, 256, 0.5
         args.train_size, args.test_size = 2048, 512
     return args
 

@@ -17,6 +17,9 @@ import pytest
 from hvd_largebatch.bench.launch import lost_gloo_connection
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+#: Chance is 10% (10 classes). Measured --smoke final accuracies (3 epochs, batch 256, 2,048 examples, 2 workers,
+#: OMP_NUM_THREADS=1): torch LARS 44.7%, torch CLARS 26.2%, Keras LARS 42.2%; the bound sits below each of them.
+MIN_ACCURACY = 20.0
 
 
 def horovodrun() -> str:
@@ -51,5 +54,6 @@ def test_example_smoke_run_under_horovodrun(script, extra, cache_dir):
     assert any("gradual warmup" in line for line in rank0)
     final = [re.search(r"final test accuracy (\d+\.\d+)%", line) for line in rank0]
     accuracy = [float(m.group(1)) for m in final if m]
-    assert len(accuracy) == 1 and 0.0 <= accuracy[0] <= 100.0, output[-4000:]
+    assert len(accuracy) == 1, output[-4000:]
+    assert MIN_ACCURACY < accuracy[0] <= 100.0, f"{script} {extra}: final test accuracy {accuracy[0]}% (chance: 10%)"
     assert "[1]<stdout>" not in proc.stdout, "rank 1 must stay quiet"
