@@ -1,12 +1,12 @@
-"""Keras 3 cell runner of ``hvd-largebatch bench``: trains one sweep cell with ``model.fit`` under Horovod.
+"""Keras 3 runner of ``hvd-largebatch bench``: trains one study run with ``model.fit`` under Horovod.
 
 :func:`train_cell` is the Keras training a user of the package writes: the
 optimizer from :func:`hvd_largebatch.tf.create_optimizer` wrapped in
 :class:`~hvd_largebatch.tf.DistributedOptimizer` (gradients
 averaged with one grouped allreduce), ``model.fit`` with
 :class:`~hvd_largebatch.tf.callbacks.BroadcastGlobalVariablesCallback`,
-:class:`~hvd_largebatch.tf.callbacks.MetricAverageCallback` and the per-batch
-LR callback over the cell's core schedule
+the study's :class:`StudyMonitorCallback` (evaluation steps, targets,
+divergence) and the per-batch LR callback over the run's core schedule
 (:class:`~hvd_largebatch.tf.callbacks.GradualWarmupCallback` when the recipe
 warms up, :class:`~hvd_largebatch.tf.callbacks.LearningRateScheduleCallback`
 otherwise). CLARS trains through
@@ -33,19 +33,20 @@ import tensorflow as tf
 from hvd_largebatch.bench.data import MNIST1D, ShardedBatches, shard_of
 from hvd_largebatch.bench.keras_model import mnist1d_convnet
 from hvd_largebatch.bench.recipes import CellPlan
+from hvd_largebatch.bench.run_monitor import RunMonitor
 from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, create_optimizer
 from hvd_largebatch.tf.callbacks import (
     BroadcastGlobalVariablesCallback,
     GradualWarmupCallback,
     LearningRateScheduleCallback,
-    MetricAverageCallback,
 )
 from hvd_largebatch.tf.large_batch_optimizer import KERAS_TO_CORE_NAMES
 
 __all__ = [
     "HorovodCellRunner",
     "MNIST1DShard",
-    "TestSetEvaluation",
+    "StudyMonitorCallback",
+    "evaluate",
     "train_cell",
     "keras_optimizer_arguments",
     "configure_threads",
@@ -104,56 +105,64 @@ class MNIST1DShard(keras.utils.PyDataset):
         self._order = self.shards.epoch_indices(self.epoch)
 
 
-class TestSetEvaluation(keras.callbacks.Callback):
-    """After each epoch: test loss and accuracy over every rank's part of the test set, and a report.
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, hvd: Any) -> tuple[float, float]:
+    """``(mean cross-entropy, accuracy)`` over every rank's part of a split (one allreduce of sums).
 
-    Each rank scores its part (inference mode; a ConAdv model uses its main
-    BatchNorm), then one allreduce sums ``(loss, correct, count)``.
+    Each rank scores its part in inference mode (a ConAdv model uses its main BatchNorm).
+    """
+    totals = np.zeros(3, dtype=np.float64)
+    for start in range(0, len(x), _EVAL_CHUNK):
+        logits = keras.ops.convert_to_numpy(model(x[start : start + _EVAL_CHUNK], training=False))
+        labels = y[start : start + _EVAL_CHUNK]
+        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        totals += (-log_probs[np.arange(len(labels)), labels].sum(), (logits.argmax(axis=1) == labels).sum(),
+                   len(labels))
+    totals = hvd.allreduce(totals, op=hvd.Sum, name="bench_evaluate").numpy()
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+class StudyMonitorCallback(keras.callbacks.Callback):
+    """Feeds a :class:`~hvd_largebatch.bench.run_monitor.RunMonitor` after every batch and stops ``fit``.
+
+    After each batch: one allreduce averages the ``fit`` loss over the ranks
+    (the divergence rule) and the optimizer's skip count is read; at the
+    evaluation steps the validation split is scored. When the monitor says
+    the run is over (diverged, target reached, last step), ``stop_training``
+    is set, which ``fit`` checks after every batch; every rank sees the same
+    numbers and stops at the same step.
 
     Args:
-        x, y: this rank's part of the test set.
-        epochs: the total number of epochs (for the report).
+        monitor: the run's monitor.
+        x_val, y_val: this rank's part of the validation split.
         hvd: the initialised ``horovod.tensorflow`` module.
-        on_epoch: called with the epoch's report.
+        optimizer: the inner optimizer (for ``skipped_steps``).
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, epochs: int, hvd: Any,
-                 on_epoch: Callable[[Mapping[str, Any]], None] | None) -> None:
+    def __init__(self, monitor: RunMonitor, x_val: np.ndarray, y_val: np.ndarray, hvd: Any, optimizer: Any) -> None:
         super().__init__()
-        self.x, self.y, self.epochs, self.hvd, self.on_epoch = x, y, epochs, hvd, on_epoch
-        self.history: list[dict[str, Any]] = []
-        self._epoch_start = 0.0
+        self.monitor, self.x_val, self.y_val, self.hvd, self.optimizer = monitor, x_val, y_val, hvd, optimizer
+        self._skipped = 0
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.perf_counter()
+    def _skipped_steps(self) -> int:
+        return int(keras.ops.convert_to_numpy(getattr(self.optimizer, "skipped_steps", 0)))
 
-    def evaluate(self) -> tuple[float, float]:
-        totals = np.zeros(3, dtype=np.float64)
-        for start in range(0, len(self.x), _EVAL_CHUNK):
-            logits = keras.ops.convert_to_numpy(self.model(self.x[start : start + _EVAL_CHUNK], training=False))
-            labels = self.y[start : start + _EVAL_CHUNK]
-            shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            totals += (-log_probs[np.arange(len(labels)), labels].sum(), (logits.argmax(axis=1) == labels).sum(),
-                       len(labels))
-        totals = self.hvd.allreduce(totals, op=self.hvd.Sum, name="bench_evaluate").numpy()
-        return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+    def on_train_begin(self, logs=None):
+        self._skipped = self._skipped_steps()
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        test_loss, test_accuracy = self.evaluate()
-        report = {
-            "epoch": epoch + 1,
-            "epochs": self.epochs,
-            "train_loss": float(logs.get("loss", float("nan"))),
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
-            "lr": float(logs.get("learning_rate", float("nan"))),
-            "seconds": time.perf_counter() - self._epoch_start,
-        }
-        self.history.append(report)
-        if self.on_epoch is not None:
-            self.on_epoch(report)
+    def on_train_batch_end(self, batch, logs=None):
+        if self.monitor.stopped is not None:
+            return
+        loss = float((logs or {}).get("loss", float("nan")))
+        mean_loss = float(self.hvd.allreduce(np.array([loss]), op=self.hvd.Average, name="bench_step").numpy()[0])
+        skipped = self._skipped_steps() > self._skipped
+        if self.monitor.after_step(mean_loss, skipped):
+            self.model.stop_training = True
+            return
+        if self.monitor.wants_evaluation():
+            val_loss, val_accuracy = evaluate(self.model, self.x_val, self.y_val, self.hvd)
+            if self.monitor.after_evaluation(val_accuracy, val_loss):
+                self.model.stop_training = True
 
 
 def train_cell(
@@ -162,24 +171,32 @@ def train_cell(
     hvd: Any,
     on_epoch: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Trains ``plan`` with ``model.fit`` on this rank (every rank calls it) and returns the cell's result.
+    """Trains one study run of ``plan`` with ``model.fit`` on this rank (every rank calls it).
 
-    Returns the same fields as the PyTorch runner: ``test_accuracy``,
-    ``test_loss``, ``train_loss`` (last epoch's ``fit`` loss averaged over
-    ranks: the optimised loss, clean + adversarial for ConAdv), ``history``,
-    ``seconds``, ``skipped_steps``.
+    The same protocol as the PyTorch runner: the last
+    ``plan.study["validation_size"]`` training examples are the validation
+    split, evaluated at the study's evaluation steps; the run stops when
+    :class:`StudyMonitorCallback` says so; the test split is scored at the
+    end. The Keras runner does not measure the gradient noise scale (its
+    gradients are averaged inside the optimizer's ``apply``).
+
+    Returns:
+        :meth:`RunMonitor.result`, plus ``seconds``, ``skipped_steps`` and ``framework_versions``.
 
     Raises:
-        ValueError: when ``plan`` was made for another world size.
+        ValueError: when ``plan`` was made for another world size or is not a study run.
     """
     rank, size = hvd.rank(), hvd.size()
     if plan.world_size != size:
         raise ValueError(f"plan.world_size={plan.world_size} but Horovod runs {size} processes")
+    monitor = RunMonitor(plan)
+    monitor.noise = None
     keras.utils.set_random_seed(plan.seed)
     model = mnist1d_convnet(seed=plan.seed)
     schedule = plan.schedule
     inner = create_optimizer(
-        plan.optimizer, learning_rate=schedule(0), **keras_optimizer_arguments(plan.optimizer_args())
+        plan.optimizer, learning_rate=schedule(0), **keras_optimizer_arguments(plan.optimizer_args()),
+        **plan.exclusions,
     )
     if plan.conadv is not None:
         from hvd_largebatch.tf.conadv import ConAdv
@@ -197,31 +214,31 @@ def train_cell(
         lr_callback: keras.callbacks.Callback = GradualWarmupCallback(schedule)
     else:
         lr_callback = LearningRateScheduleCallback(schedule)
-    shards = ShardedBatches(len(data.x_train), plan.global_batch, rank, size, plan.seed)
-    evaluation = TestSetEvaluation(
-        shard_of(data.x_test, rank, size), shard_of(data.y_test, rank, size), plan.epochs, hvd, on_epoch
-    )
+    validation = plan.study["validation_size"]
+    x_train, y_train = data.x_train[:-validation], data.y_train[:-validation]
+    x_val = shard_of(data.x_train[-validation:], rank, size)
+    y_val = shard_of(data.y_train[-validation:], rank, size)
+    shards = ShardedBatches(len(x_train), plan.global_batch, rank, size, plan.seed)
+    study_callback = StudyMonitorCallback(monitor, x_val, y_val, hvd, inner)
     started = time.perf_counter()
     model.fit(
-        MNIST1DShard(data.x_train, data.y_train, shards),
+        MNIST1DShard(x_train, y_train, shards),
         epochs=plan.epochs,
         verbose=0,
-        callbacks=[BroadcastGlobalVariablesCallback(0), lr_callback, MetricAverageCallback(), evaluation],
+        callbacks=[BroadcastGlobalVariablesCallback(0), lr_callback, study_callback],
     )
-    last = evaluation.history[-1]
-    skipped = getattr(inner, "skipped_steps", 0)
-    return {
-        "test_accuracy": last["test_accuracy"],
-        "test_loss": last["test_loss"],
-        "train_loss": last["train_loss"],
-        "history": evaluation.history,
-        "seconds": time.perf_counter() - started,
-        "skipped_steps": int(keras.ops.convert_to_numpy(skipped)),
-        "framework_versions": {
+    test_loss, test_accuracy = evaluate(
+        model, shard_of(data.x_test, rank, size), shard_of(data.y_test, rank, size), hvd
+    )
+    return monitor.result(
+        test_loss, test_accuracy,
+        seconds=time.perf_counter() - started,
+        skipped_steps=int(keras.ops.convert_to_numpy(getattr(inner, "skipped_steps", 0))),
+        framework_versions={
             "tensorflow": tf.__version__, "keras": keras.__version__, "horovod": _horovod_version(),
             "numpy": np.__version__,
         },
-    }
+    )
 
 
 def _horovod_version() -> str:

@@ -39,8 +39,7 @@ from typing import Any
 from hvd_largebatch.bench.atomic_file import write_json_atomically
 from hvd_largebatch.bench import report
 from hvd_largebatch.bench.data import load_mnist1d
-from hvd_largebatch.bench.plan import SweepSettings
-from hvd_largebatch.bench.recipes import CellPlan
+from hvd_largebatch.bench.study import StudySettings, next_run, runs_per_cell, tuning_runs
 from hvd_largebatch.bench.results import RUN_DIRECTORY, FailureMarkers, ResultsStore
 from hvd_largebatch.bench.worker import CellFailed, WorkerJob, load_runner, run_job
 from hvd_largebatch.config import check_choice, check_positive_int
@@ -153,30 +152,36 @@ def failure_message(
 
 
 def _prepare(
-    framework: str, plans: list[CellPlan], settings: SweepSettings, out_dir: Path, command_text: str, echo: Echo
-) -> tuple[ResultsStore, WorkerJob]:
-    """Checks and records the settings, pre-generates the data and returns the job of the pending cells."""
+    framework: str, methods: Sequence[str], batch_sizes: Sequence[int], settings: StudySettings, out_dir: Path,
+    command_text: str, echo: Echo,
+) -> tuple[ResultsStore, WorkerJob, bool]:
+    """Checks and records the settings, pre-generates the data; returns the job and whether runs remain."""
     store = ResultsStore(out_dir)
     store.adopt_settings(settings.to_config())
     store.add_command(command_text)
     store.save()
-    finished, pending, changed = store.split(plans)
+    for method in methods:  # every cell must be runnable before anything starts
+        for batch in batch_sizes:
+            tuning_runs(framework, method, batch, settings)
+    total = len(methods) * len(batch_sizes) * runs_per_cell(settings)
+    finished = sum(1 for r in store.records if r["plan"]["framework"] == framework)
     echo(
-        f"hvd-largebatch bench: {framework}, {len(plans)} cells ({len(finished)} already finished), "
-        f"{settings.epochs} epoch(s) each, {settings.workers} workers; output in {out_dir}"
+        f"hvd-largebatch bench: {framework} study, {len(methods)} method(s) x {len(batch_sizes)} batch size(s) x "
+        f"{runs_per_cell(settings)} runs ({settings.search.trials} trials, {settings.seeds} repeats"
+        f"{', 1 fixed-epoch run' if settings.epochs else ''}) = {total} runs ({finished} already finished), "
+        f"targets {', '.join(f'{100 * t:g}%' for t in settings.targets)} on {settings.validation_size} validation "
+        f"examples, {settings.workers} workers; output in {out_dir}"
     )
-    for plan in changed:
-        echo(f"  re-running {plan.label}: its stored recipe differs from the current one")
     load_mnist1d(settings.data, log=lambda line: echo(f"  {line}"))
     job = WorkerJob(
         framework=framework,
         out_dir=str(out_dir),
-        data=settings.data.to_config(),
-        cells=tuple(pending),
-        done_before=len(finished),
-        total=len(plans),
+        settings=settings.to_config(),
+        methods=tuple(methods),
+        batch_sizes=tuple(sorted(batch_sizes)),
     )
-    return store, job
+    remaining = next_run(framework, job.methods, job.batch_sizes, settings, store.records) is not None
+    return store, job, remaining
 
 
 def _finish(out_dir: Path, echo: Echo) -> None:
@@ -186,8 +191,8 @@ def _finish(out_dir: Path, echo: Echo) -> None:
     echo(text.rstrip())
     echo("")
     echo(
-        f"wrote {out_dir / 'results.json'}, {out_dir / report.CSV_FILE}, "
-        f"{out_dir / report.TABLE_FILE}, {out_dir / report.PLOT_FILE}"
+        f"wrote {out_dir / 'results.json'}, {out_dir / report.SUMMARY_FILE}, {out_dir / report.CSV_FILE}, "
+        f"{out_dir / report.TABLE_FILE}, {out_dir / report.PLOT_FILE}, {out_dir / report.NOISE_PLOT_FILE}"
     )
 
 
@@ -199,15 +204,16 @@ def lost_gloo_connection(lines: Iterable[str]) -> bool:
 
 def launch_sweep(
     framework: str,
-    plans: list[CellPlan],
-    settings: SweepSettings,
+    methods: Sequence[str],
+    batch_sizes: Sequence[int],
+    settings: StudySettings,
     out_dir: str | os.PathLike,
     *,
     backend: str = "gloo",
     command_text: str = "",
     echo: Echo = print,
 ) -> int:
-    """Runs the pending cells under a ``horovodrun`` it starts; returns the exit status (0, or 1 on failure).
+    """Runs the study's remaining runs under a ``horovodrun`` it starts; returns the exit status (0, or 1 on failure).
 
     A launch whose Gloo rendezvous connection was refused (another job took
     the port on a busy machine) and in which no cell raised is started once
@@ -220,15 +226,17 @@ def launch_sweep(
     check_choice("backend", backend, BACKENDS)
     log_path = out_dir / "sweep.log"
     for attempt in (1, 2):
-        store, job = _prepare(framework, plans, settings, out_dir, command_text, echo if attempt == 1 else _quiet)
-        if not job.cells:
+        store, job, remaining = _prepare(
+            framework, methods, batch_sizes, settings, out_dir, command_text, echo if attempt == 1 else _quiet
+        )
+        if not remaining:
             break
         markers = FailureMarkers(out_dir)
         markers.clear()
         job_path = out_dir / RUN_DIRECTORY / "job.json"
         write_json_atomically(job_path, job.to_config())
         command = horovodrun_command(job_path, settings.workers, backend)
-        echo(f"  launching: {shlex.join(command[:7])} ... ({len(job.cells)} cells to run; full log in {log_path})")
+        echo(f"  launching: {shlex.join(command[:7])} ... (full log in {log_path})")
         try:
             status, tail = _stream_horovodrun(command, _worker_environment(settings.workers, backend), log_path, echo)
         except KeyboardInterrupt:
@@ -265,7 +273,7 @@ def _write_reports_quietly(out_dir: Path) -> None:
 
 def run_sweep_inside_horovodrun(
     framework: str,
-    build: Callable[[int], tuple[list[CellPlan], SweepSettings]],
+    build: Callable[[int], tuple[list[str], list[int], StudySettings]],
     out_dir: str | os.PathLike,
     *,
     command_text: str = "",
@@ -275,7 +283,7 @@ def run_sweep_inside_horovodrun(
 
     Args:
         framework: ``"torch"`` or ``"keras"``.
-        build: given the world size, returns the plans and settings (called on rank 0 only).
+        build: given the world size, returns the methods, batch sizes and settings (called on rank 0 only).
         out_dir: the output directory (written by rank 0 only).
 
     Returns:
@@ -289,8 +297,8 @@ def run_sweep_inside_horovodrun(
     error: ValueError | None = None
     if rank == 0:
         try:
-            plans, settings = build(runner.size)
-            _, job = _prepare(framework, plans, settings, out_dir, command_text, echo)
+            methods, batch_sizes, settings = build(runner.size)
+            _, job, _ = _prepare(framework, methods, batch_sizes, settings, out_dir, command_text, echo)
             FailureMarkers(out_dir).clear()
             message = {"job": job.to_config()}
         except ValueError as err:

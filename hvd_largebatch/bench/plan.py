@@ -1,95 +1,45 @@
-"""Plans the batch-size sweep: the settings every cell shares and the list of cells (methods x batch sizes).
+"""The command-line side of a study: its default lists, their checks and the comma-separated parsers.
 
-Also parses the comma-separated command-line lists of ``hvd-largebatch bench``.
-Framework-free; :mod:`hvd_largebatch.bench.launch` runs what is planned here.
+The study itself (settings, runs, scheduler) is :mod:`hvd_largebatch.bench.study`.
+Framework-free.
 
 Example::
 
-    >>> from hvd_largebatch.bench.plan import SweepSettings, plan_sweep
-    >>> cells = plan_sweep("torch", ["sgd", "lars"], [512, 128], SweepSettings(epochs=1))
-    >>> [cell.label for cell in cells]
-    ['torch sgd batch 128', 'torch sgd batch 512', 'torch lars batch 128', 'torch lars batch 512']
+    >>> from hvd_largebatch.bench.plan import parse_float_list, parse_int_list
+    >>> parse_int_list("64,256", "--batch-sizes"), parse_float_list("0.95", "--targets")
+    ([64, 256], [0.95])
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-from hvd_largebatch.bench.data import MNIST1DSpec
-from hvd_largebatch.bench.recipes import BASE_BATCH, METHOD_NAMES, CellPlan, plan_cell, recipe_for
+from hvd_largebatch.bench.recipes import METHOD_NAMES
 from hvd_largebatch.bench.worker import RUNNER_MODULES
-from hvd_largebatch.config import check_choice, check_non_negative_int, check_positive, check_positive_int
+from hvd_largebatch.config import check_choice, check_positive_int
 
 __all__ = [
     "FRAMEWORKS",
     "DEFAULT_BATCH_SIZES",
-    "DEFAULT_EPOCHS",
     "DEFAULT_WORKERS",
-    "SweepSettings",
-    "plan_sweep",
+    "check_study_lists",
+    "parse_float_list",
     "parse_base_lrs",
     "parse_int_list",
     "parse_name_list",
 ]
 
 FRAMEWORKS = tuple(RUNNER_MODULES)
-DEFAULT_BATCH_SIZES = (128, 512, 2048, 8192)
-DEFAULT_EPOCHS = 5
+#: Two batch sizes on each side of the critical batch the first probe found (about 600 for 95%).
+DEFAULT_BATCH_SIZES = (64, 256, 1024, 4096)
 DEFAULT_WORKERS = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepSettings:
-    """What every cell of a sweep shares; a resumed sweep must have the same settings.
-
-    Attributes:
-        epochs: passes over the training set per cell.
-        workers: Horovod processes.
-        seed: model-initialisation and data-order seed (the same for every cell).
-        data: the MNIST-1D spec.
-        base_batch: the batch the base LRs refer to.
-        base_lrs: ``(method, lr)`` overrides of :data:`hvd_largebatch.bench.recipes.BASE_LRS`.
-    """
-
-    epochs: int
-    workers: int = DEFAULT_WORKERS
-    seed: int = 0
-    data: MNIST1DSpec = dataclasses.field(default_factory=MNIST1DSpec)
-    base_batch: int = BASE_BATCH
-    base_lrs: tuple[tuple[str, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "epochs", check_positive_int("epochs", self.epochs))
-        object.__setattr__(self, "workers", check_positive_int("workers", self.workers))
-        object.__setattr__(self, "seed", check_non_negative_int("seed", self.seed))
-        object.__setattr__(self, "base_batch", check_positive_int("base_batch", self.base_batch))
-        overrides = dict(self.base_lrs)
-        for method, lr in overrides.items():
-            check_choice("base_lrs method", method, METHOD_NAMES)
-            overrides[method] = check_positive(f"base LR of {method}", lr)
-        object.__setattr__(self, "base_lrs", tuple(sorted(overrides.items())))
-
-    def to_config(self) -> dict[str, Any]:
-        return {
-            "epochs": self.epochs,
-            "workers": self.workers,
-            "seed": self.seed,
-            "data": self.data.to_config(),
-            "base_batch": self.base_batch,
-            "base_lrs": dict(self.base_lrs),
-        }
-
-
-def plan_sweep(
-    framework: str, methods: Sequence[str], batch_sizes: Sequence[int], settings: SweepSettings
-) -> list[CellPlan]:
-    """Every cell of the sweep, method by method, batch sizes ascending.
+def check_study_lists(framework: str, methods: Sequence[str], batch_sizes: Sequence[int]) -> None:
+    """Checks the framework and the method and batch lists of a study.
 
     Raises:
-        ValueError: naming ``framework``, ``methods`` or ``batch_sizes`` (unknown,
-            repeated or empty), or a batch the data or the workers cannot make.
+        ValueError: naming ``framework``, ``methods`` or ``batch_sizes`` (unknown, repeated or empty).
     """
     check_choice("framework", framework, FRAMEWORKS)
     methods = list(methods)
@@ -100,28 +50,18 @@ def plan_sweep(
     batches = [check_positive_int("batch_sizes", b) for b in batch_sizes]
     if not batches or len(set(batches)) != len(batches):
         raise ValueError(f"batch_sizes must be a non-empty list without repeats, got {list(batch_sizes)!r}")
-    overrides = dict(settings.base_lrs)
-    plans = []
-    for method in methods:
-        recipe = recipe_for(method, overrides.get(method))
-        for batch in sorted(batches):
-            if batch % settings.workers:
-                raise ValueError(
-                    f"batch_sizes must be multiples of workers={settings.workers} (each worker takes an equal "
-                    f"share of the global batch); got {batch}"
-                )
-            if batch > settings.data.train_size:
-                raise ValueError(
-                    f"batch_sizes must be at most the training set size {settings.data.train_size}; got {batch}"
-                )
-            plans.append(
-                plan_cell(
-                    recipe, framework=framework, global_batch=batch, world_size=settings.workers,
-                    epochs=settings.epochs, train_size=settings.data.train_size, seed=settings.seed,
-                    base_batch=settings.base_batch,
-                )
-            )
-    return plans
+
+
+def parse_float_list(text: str, argument: str, count: int | None = None) -> list[float]:
+    """``"0.97,0.98"`` -> ``[0.97, 0.98]``; raises ValueError naming ``argument`` (and ``count`` when given)."""
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"{argument} must be comma-separated numbers, got {text!r}") from None
+    if not values or (count is not None and len(values) != count):
+        wanted = f"exactly {count}" if count is not None else "at least one"
+        raise ValueError(f"{argument} must hold {wanted} number(s), got {text!r}")
+    return values
 
 
 def parse_base_lrs(text: str | None) -> tuple[tuple[str, float], ...]:

@@ -12,16 +12,30 @@ settings) that a framework runner executes and the reports print.
 
 The methods (``METHODS``):
 
-========  ===============  ===========  ==============================================
-method    optimizer        LR scaling   schedule
-========  ===============  ===========  ==============================================
-sgd       momentum SGD     linear       no warmup, step decay x0.1 at 1/3, 2/3, 8/9
-goyal     momentum SGD     linear       gradual warmup (Goyal), same step decay
-lars      LARS             sqrt         gradual warmup, poly(2) decay to 0
-clars     CLARS (exact)    sqrt         no warmup, poly(2) decay to 0
-lamb      LAMB             sqrt         gradual warmup, poly(2) decay to 0
-conadv    ConAdv + LARS    sqrt         as lars (mean of clean and adversarial loss)
-========  ===============  ===========  ==============================================
+=========  ===============  ===========  ==============================================
+method     optimizer        LR scaling   schedule
+=========  ===============  ===========  ==============================================
+sgd        momentum SGD     linear       no warmup, step decay x0.1 at 1/3, 2/3, 8/9
+goyal      momentum SGD     linear       gradual warmup (Goyal), same step decay
+nesterov   Nesterov SGD     linear       gradual warmup, poly(2) decay to 0
+adam       AdamW            sqrt         gradual warmup, poly(2) decay to 0
+lars       LARS             sqrt         gradual warmup, poly(2) decay to 0
+clars      CLARS (exact)    sqrt         no warmup, poly(2) decay to 0
+lamb       LAMB             sqrt         gradual warmup, poly(2) decay to 0
+conadv     ConAdv + LARS    sqrt         as lars (mean of clean and adversarial loss)
+=========  ===============  ===========  ==============================================
+
+The batch-size study (:mod:`hvd_largebatch.study`) tunes, per method and
+batch, the peak LR (as a multiple of the scaled base LR), the decay horizon
+(the schedule's total steps) and, for the methods that warm up, the warmup
+length (a fraction of the horizon); :func:`plan_cell` takes those three.
+``nesterov`` and ``adam`` are the baselines of Nado et al. 2021 ("A Large
+Batch Optimizer Reality Check"): well-tuned Nesterov momentum and Adam with
+the same warmup and decay as LARS and LAMB. ``adam`` is the package's LAMB
+with layer adaptation switched off for every tensor
+(``exclude_from_layer_adaptation="."``, a regex every
+tensor path matches), i.e. AdamW with the decay added to
+the Adam direction: ``w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)``.
 
 Notes on the choices (where the papers leave room):
 
@@ -38,15 +52,18 @@ Notes on the choices (where the papers leave room):
   relative step, and the linear rule would take LARS from its best LR at batch
   128 (8) to 512 at batch 8192, 16 times the LR (32) that already diverges at
   batch 128.
-* Base LRs were fixed once from 5-epoch runs at the base batch (128, the
-  smallest in the sweep), the best test accuracy of a small grid per
-  optimizer, and are then only scaled; CLARS and ConAdv reuse LARS's. The
-  grid and its results are in ``BASE_LR_SEARCH`` and the README.
+* Base LRs were fixed once from 5-epoch runs at the base batch (128),
+  the best test accuracy of a small grid per optimizer; CLARS and ConAdv
+  reuse LARS's, Nesterov SGD's. In the study they are only the centre of
+  each cell's LR search (scaled to the batch by the method's rule). The
+  grid and its results are in ``BASE_LR_SEARCH``. Adam's 0.002 is the
+  usual AdamW LR for a batch of about a hundred; it was not searched.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,6 +109,8 @@ BASE_LR_SEARCH: dict[str, dict[float, float]] = {
 BASE_LRS: dict[str, float] = {
     "sgd": 0.1,
     "goyal": 0.1,
+    "nesterov": 0.1,
+    "adam": 0.002,
     "lars": 8.0,
     "clars": 8.0,
     "lamb": 0.02,
@@ -121,6 +140,8 @@ class Recipe:
         warmup: Goyal's gradual warmup from ``base_lr`` over ``WARMUP_FRACTION`` of training.
         decay: ``"step"`` (Goyal) or ``"poly"`` (LARS paper, power 2, to 0).
         conadv: ConAdv arguments (core spelling of ``ConAdvConfig``) or None for clean training.
+        exclusions: ``create_optimizer`` exclusion arguments (``exclude_from_layer_adaptation``,
+            ``exclude_from_weight_decay``) as ``(name, value)`` pairs; JSON-able values only.
     """
 
     method: str
@@ -132,6 +153,7 @@ class Recipe:
     warmup: bool
     decay: str
     conadv: tuple[tuple[str, Any], ...] | None = None
+    exclusions: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, config.OPTIMIZER_NAMES)
@@ -139,6 +161,8 @@ class Recipe:
         check_choice("scaling", self.scaling, ("linear", "sqrt"))
         check_choice("decay", self.decay, _SCHEDULE_KINDS)
         config.optimizer_config(self.optimizer, **dict(self.optimizer_args))  # validates the arguments
+        for name, _ in self.exclusions:
+            check_choice("exclusions", name, ("exclude_from_layer_adaptation", "exclude_from_weight_decay"))
         if self.conadv is not None:
             config.ConAdvConfig(**dict(self.conadv))
 
@@ -149,6 +173,7 @@ class Recipe:
 
 def _recipe(method: str, summary: str, optimizer: str, args: Mapping[str, Any], **kw: Any) -> Recipe:
     conadv = kw.pop("conadv", None)
+    exclusions = kw.pop("exclusions", {})
     return Recipe(
         method=method,
         summary=summary,
@@ -156,6 +181,7 @@ def _recipe(method: str, summary: str, optimizer: str, args: Mapping[str, Any], 
         optimizer_args=tuple(sorted(args.items())),
         base_lr=BASE_LRS[method],
         conadv=None if conadv is None else tuple(sorted(conadv.items())),
+        exclusions=tuple(sorted(exclusions.items())),
         **kw,
     )
 
@@ -188,6 +214,11 @@ METHODS: dict[str, Recipe] = {
                 scaling="linear", warmup=False, decay="step"),
         _recipe("goyal", "momentum SGD, linear scaling, gradual warmup, step decay (Goyal et al. 2017)", "sgd",
                 _SGD_ARGS, scaling="linear", warmup=True, decay="step"),
+        _recipe("nesterov", "Nesterov momentum SGD, linear scaling, gradual warmup, poly(2) (Nado et al. 2021)",
+                "sgd", {**_SGD_ARGS, "nesterov": True}, scaling="linear", warmup=True, decay="poly"),
+        _recipe("adam", "AdamW (LAMB without layer adaptation), sqrt scaling, gradual warmup, poly(2) (Nado et al. 2021)",
+                "lamb", _LAMB_ARGS, scaling="sqrt", warmup=True, decay="poly",
+                exclusions={"exclude_from_layer_adaptation": "."}),
         _recipe("lars", "LARS, sqrt scaling, gradual warmup, poly(2) decay (You et al. 2017)", "lars", _LARS_ARGS,
                 scaling="sqrt", warmup=True, decay="poly"),
         _recipe("clars", "CLARS (exact per-example norms), sqrt scaling, no warmup, poly(2) (Huo et al. 2021)",
@@ -233,6 +264,12 @@ class CellPlan:
         conadv: the validated ConAdv record's fields, or None.
         seed: seed of the model initialisation and of the data order.
         summary: the recipe's one-line description.
+        lr_multiplier: the peak LR as a multiple of the scaled base LR (1 outside a tuning search).
+        warmup_fraction: warmup steps as a fraction of the schedule's total steps (0 without warmup).
+        exclusions: the recipe's ``create_optimizer`` exclusion arguments.
+        study: for a run of the batch-size study, what the runner measures and when it stops
+            (``phase``, ``trial``, ``targets``, ``stop_at_target``, ``eval_steps``,
+            ``validation_size``, ``noise_scale``; see :mod:`hvd_largebatch.study`), else None.
     """
 
     framework: str
@@ -251,15 +288,26 @@ class CellPlan:
     conadv: dict[str, Any] | None
     seed: int
     summary: str
+    lr_multiplier: float = 1.0
+    warmup_fraction: float = 0.0
+    exclusions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    study: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
-        """``framework:method:global_batch``, the cell's identity in results.json."""
-        return f"{self.framework}:{self.method}:{self.global_batch}"
+        """The run's identity in results.json: ``framework:method:global_batch``, plus
+        ``:phase:trial:seed`` for a run of the study."""
+        base = f"{self.framework}:{self.method}:{self.global_batch}"
+        if self.study is None:
+            return base
+        return f"{base}:{self.study['phase']}:{self.study['trial']}:{self.seed}"
 
     @property
     def label(self) -> str:
-        return f"{self.framework} {self.method} batch {self.global_batch}"
+        base = f"{self.framework} {self.method} batch {self.global_batch}"
+        if self.study is None:
+            return base
+        return f"{base} {self.study['phase']} {self.study['trial']} seed {self.seed}"
 
     @property
     def total_steps(self) -> int:
@@ -286,35 +334,28 @@ class CellPlan:
         return cls(**values)
 
 
-def _schedule(recipe: Recipe, global_batch: int, steps_per_epoch: int, epochs: int, base_batch: int):
-    warmup_epochs = WARMUP_FRACTION * epochs if recipe.warmup else 0.0
+def _schedule(
+    recipe: Recipe, global_batch: int, steps_per_epoch: int, total_steps: int, warmup_steps: int, base_lr: float,
+    base_batch: int,
+) -> schedules.Schedule:
+    common: dict[str, Any] = dict(
+        base_batch=base_batch, global_batch=global_batch, scaling=recipe.scaling, steps_per_epoch=steps_per_epoch
+    )
+    # Goyal's warmup starts at the base LR; below the base batch (peak < base LR) it starts at the peak (flat).
+    start = min(base_lr, schedules.scale_lr(base_lr, base_batch, global_batch, recipe.scaling))
+    warmup: dict[str, Any] = (
+        dict(warmup="gradual", warmup_steps=warmup_steps, warmup_start=start) if warmup_steps else dict(warmup="none")
+    )
     if recipe.decay == "step":
-        milestones = [fraction * epochs for fraction in STEP_MILESTONE_FRACTIONS]
-        # Keep milestones that land after the warmup and inside the run (short runs may lose some).
-        total = schedules.epochs_to_steps(epochs, steps_per_epoch)
-        warm = schedules.epochs_to_steps(warmup_epochs, steps_per_epoch, "warmup_epochs")
-        milestones = [m for m in milestones if warm / steps_per_epoch < m <= total / steps_per_epoch]
-        if not recipe.warmup:
-            return schedules.make_schedule(
-                recipe.base_lr, total, base_batch=base_batch, global_batch=global_batch, scaling=recipe.scaling,
-                warmup="none", decay="step" if milestones else "constant", milestones=milestones,
-                milestone_unit="epoch", steps_per_epoch=steps_per_epoch, gamma=STEP_GAMMA,
-            )
-        if recipe.scaling != "linear":
-            raise ValueError(f"scaling must be 'linear' for Goyal's recipe, got {recipe.scaling!r}")
-        return schedules.goyal(
-            recipe.base_lr, base_batch, global_batch, steps_per_epoch, epochs=epochs,
-            warmup_epochs=warmup_epochs, milestones=milestones, gamma=STEP_GAMMA,
-        )
-    if recipe.warmup:
-        return schedules.lars_poly(
-            recipe.base_lr, base_batch, global_batch, steps_per_epoch, epochs,
-            warmup_epochs=warmup_epochs, power=POLY_POWER, end_lr=0.0, scaling=recipe.scaling,
+        # Goyal's milestones as fractions of the run; keep those after the warmup (short runs may lose some).
+        milestones = sorted({round(f * total_steps) for f in STEP_MILESTONE_FRACTIONS} - {0})
+        milestones = [m for m in milestones if warmup_steps < m <= total_steps]
+        return schedules.make_schedule(
+            base_lr, total_steps, **common, **warmup, decay="step" if milestones else "constant",
+            milestones=milestones, milestone_unit="step", gamma=STEP_GAMMA,
         )
     return schedules.make_schedule(
-        recipe.base_lr, schedules.epochs_to_steps(epochs, steps_per_epoch), base_batch=base_batch,
-        global_batch=global_batch, scaling=recipe.scaling, warmup="none", decay="poly", power=POLY_POWER,
-        end_lr=0.0, steps_per_epoch=steps_per_epoch,
+        base_lr, total_steps, **common, **warmup, decay="poly", power=POLY_POWER, end_lr=0.0
     )
 
 
@@ -324,10 +365,14 @@ def plan_cell(
     framework: str,
     global_batch: int,
     world_size: int,
-    epochs: int,
     train_size: int,
     seed: int,
+    epochs: int | None = None,
+    total_steps: int | None = None,
     base_batch: int = BASE_BATCH,
+    lr_multiplier: float = 1.0,
+    warmup_fraction: float | None = None,
+    study: Mapping[str, Any] | None = None,
 ) -> CellPlan:
     """Resolves ``recipe`` at ``global_batch`` into a :class:`CellPlan`.
 
@@ -337,14 +382,20 @@ def plan_cell(
         global_batch: examples per update over all workers (a multiple of
             ``world_size``, at most ``train_size``).
         world_size: Horovod processes.
-        epochs: passes over the training set.
         train_size: training examples (sets the steps per epoch).
         seed: model-initialisation and data-order seed.
+        epochs: passes over the training set; or give ``total_steps`` instead.
+        total_steps: the schedule's horizon in optimizer steps (the run's step budget).
         base_batch: the batch of ``recipe.base_lr``.
+        lr_multiplier: the peak LR as a multiple of the scaled base LR (the
+            warmup starts from ``base_lr * lr_multiplier``, Goyal's eta).
+        warmup_fraction: warmup steps over total steps, in [0, 1); default
+            ``WARMUP_FRACTION`` for recipes that warm up; must be 0 or None for the others.
+        study: what a run of the batch-size study measures (stored in the plan as is).
 
     Raises:
         ValueError: naming the argument (indivisible batch, batch larger than
-            the data, bad epochs, ...).
+            the data, bad epochs, both or neither of ``epochs`` and ``total_steps``, ...).
 
     Example:
         >>> plan = plan_cell(METHODS["goyal"], framework="torch", global_batch=1024, world_size=2,
@@ -353,11 +404,26 @@ def plan_cell(
         (58, 0.8, 52)
     """
     check_choice("framework", framework, ("torch", "keras"))
-    epochs = check_positive_int("epochs", epochs)
     base_batch = check_positive_int("base_batch", base_batch)
+    lr_multiplier = check_positive("lr_multiplier", lr_multiplier)
     per_worker = schedules.per_worker_batch_size(global_batch, world_size)
     steps_per_epoch = schedules.steps_per_epoch(train_size, global_batch)
-    schedule = _schedule(recipe, global_batch, steps_per_epoch, epochs, base_batch)
+    if (epochs is None) == (total_steps is None):
+        raise ValueError(f"give exactly one of epochs and total_steps, got epochs={epochs!r}, total_steps={total_steps!r}")
+    if epochs is not None:
+        total_steps = check_positive_int("epochs", epochs) * steps_per_epoch
+    total_steps = check_positive_int("total_steps", total_steps)
+    if warmup_fraction is None:
+        warmup_fraction = WARMUP_FRACTION if recipe.warmup else 0.0
+    if isinstance(warmup_fraction, bool) or not isinstance(warmup_fraction, (int, float)) or not (
+        0.0 <= warmup_fraction < 1.0
+    ):
+        raise ValueError(f"warmup_fraction must be a number in [0, 1), got {warmup_fraction!r}")
+    if warmup_fraction and not recipe.warmup:
+        raise ValueError(f"warmup_fraction must be 0 for {recipe.method!r} (it does not warm up), got {warmup_fraction!r}")
+    warmup_steps = int(round(warmup_fraction * total_steps))
+    base_lr = recipe.base_lr * lr_multiplier
+    schedule = _schedule(recipe, global_batch, steps_per_epoch, total_steps, warmup_steps, base_lr, base_batch)
     record = config.optimizer_config(recipe.optimizer, lr=schedule(0), **dict(recipe.optimizer_args))
     conadv = None if recipe.conadv is None else config.ConAdvConfig(**dict(recipe.conadv)).to_dict()
     return CellPlan(
@@ -366,15 +432,19 @@ def plan_cell(
         global_batch=int(global_batch),
         world_size=int(world_size),
         per_worker_batch=per_worker,
-        epochs=epochs,
+        epochs=-(-total_steps // steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
         optimizer=recipe.optimizer,
         optimizer_config=record.to_dict(),
         schedule=schedule,
-        base_lr=recipe.base_lr,
+        base_lr=base_lr,
         scaling=recipe.scaling,
         base_batch=base_batch,
         conadv=conadv,
         seed=int(seed),
         summary=recipe.summary,
+        lr_multiplier=float(lr_multiplier),
+        warmup_fraction=float(warmup_fraction),
+        exclusions=dict(recipe.exclusions),
+        study=None if study is None else json.loads(json.dumps(dict(study))),
     )

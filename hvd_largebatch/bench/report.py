@@ -1,15 +1,25 @@
-"""The reports of a batch-size sweep: results.csv, table.md and accuracy_vs_batch.png.
+"""The reports of a batch-size study: summary.json, results.csv, table.md, steps_vs_batch.png, noise_scale.png.
 
-All three are written from ``results.json`` (:class:`~hvd_largebatch.bench.results.ResultsStore`),
+All are written from ``results.json`` (:class:`~hvd_largebatch.bench.results.ResultsStore`),
 so they can be regenerated at any time and always agree with it:
 
-* ``results.csv``: one row per finished cell, every hyperparameter and result;
-* ``table.md``: per framework, test accuracy (rows: methods, columns: global
-  batch), the wall time per cell, and the recipes with every hyperparameter;
-* ``accuracy_vs_batch.png``: test accuracy against global batch (log scale),
-  one line per method, one panel per framework (matplotlib, imported here only).
+* ``summary.json``: :func:`analyse`'s result: per framework, method and batch
+  every trial, the chosen setting, the steps to each target over the best
+  trial and its repeats (median, min, max, how many reached it), the
+  examples, ``B_simple``, the fixed-epoch accuracy; per method and target the
+  fit ``S(B) = S_min (1 + B_crit/B)``
+  (:func:`~hvd_largebatch.bench.scaling_fit.fit_critical_batch` on the medians);
+* ``results.csv``: one row per run, every hyperparameter and result;
+* ``table.md``: the same as tables a person reads;
+* ``steps_vs_batch.png``: median steps to the first target against batch,
+  log-log, one line per method with its min-max range and fit, and the
+  perfect-scaling line (steps halve when the batch doubles);
+* ``noise_scale.png``: ``B_simple`` against step for each method's best runs.
 
-Standard library only, apart from matplotlib inside :func:`write_plot`.
+A median over runs that did not all reach the target counts the misses as
+"more than any": the median is "not reached" when half or more missed.
+
+Standard library only, apart from matplotlib inside the plot writers.
 """
 
 from __future__ import annotations
@@ -18,37 +28,47 @@ import csv
 import json
 import math
 import os
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hvd_largebatch.bench.atomic_file import write_json_atomically
 from hvd_largebatch.bench.recipes import METHOD_NAMES
 from hvd_largebatch.bench.results import ResultsStore
+from hvd_largebatch.bench.run_monitor import target_key
+from hvd_largebatch.bench.scaling_fit import fit_critical_batch, predicted_steps
+from hvd_largebatch.bench.tuning import best_trial
 
 __all__ = [
     "CSV_FILE",
     "TABLE_FILE",
+    "SUMMARY_FILE",
     "PLOT_FILE",
+    "NOISE_PLOT_FILE",
     "CSV_COLUMNS",
-    "is_diverged",
-    "accuracy_grid",
+    "median_and_range",
+    "analyse",
     "format_table",
     "write_csv",
-    "write_table",
     "write_plot",
+    "write_noise_plot",
     "write_reports",
 ]
 
 CSV_FILE = "results.csv"
 TABLE_FILE = "table.md"
-PLOT_FILE = "accuracy_vs_batch.png"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "steps_vs_batch.png"
+NOISE_PLOT_FILE = "noise_scale.png"
 _FRAMEWORK_ORDER = ("torch", "keras")
 
 CSV_COLUMNS = (
-    "framework", "method", "global_batch", "per_worker_batch", "workers", "epochs", "steps_per_epoch",
-    "total_steps", "optimizer", "base_lr", "base_batch", "scaling", "peak_lr", "warmup_steps", "schedule",
-    "test_accuracy", "test_loss", "train_loss", "best_test_accuracy", "diverged", "skipped_steps", "seconds",
-    "optimizer_config", "conadv", "finished_at",
+    "framework", "method", "global_batch", "phase", "trial", "seed", "per_worker_batch", "workers",
+    "steps_per_epoch", "horizon_steps", "optimizer", "base_lr", "scaling", "lr_multiplier", "peak_lr",
+    "warmup_steps", "warmup_fraction", "schedule", "targets", "steps_to_target", "stopped", "steps",
+    "best_validation_accuracy", "final_validation_accuracy", "test_accuracy", "b_simple_at_target",
+    "skipped_steps", "seconds", "optimizer_config", "exclusions", "conadv", "finished_at",
 )
 
 
@@ -60,258 +80,361 @@ def _framework_order(framework: str) -> tuple[int, str]:
     return (_FRAMEWORK_ORDER.index(framework) if framework in _FRAMEWORK_ORDER else 9, framework)
 
 
-def is_diverged(result: Mapping[str, Any]) -> bool:
-    """True when the last epoch's training loss is not finite."""
-    loss = result.get("train_loss")
-    return loss is None or not math.isfinite(float(loss))
+def _study_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in records if r["plan"].get("study")]
 
 
+def median_and_range(values: Sequence[float | None]) -> dict[str, Any]:
+    """``median``, ``min``, ``max`` (of the reached values), ``reached`` and ``runs`` of steps to a target.
+
+    None (not reached) counts as larger than any number; the median is None
+    when the middle value(s) are None.
+
+    Example:
+        >>> median_and_range([120, None, 100])
+        {'median': 120, 'min': 100, 'max': 120, 'reached': 2, 'runs': 3}
+    """
+    reached = sorted(v for v in values if v is not None)
+    ordered: list[float] = reached + [math.inf] * (len(values) - len(reached))
+    median: float | None = None
+    if ordered:
+        middle = statistics.median(ordered)
+        median = None if math.isinf(middle) or math.isnan(middle) else middle
+    return {
+        "median": median,
+        "min": reached[0] if reached else None,
+        "max": reached[-1] if reached else None,
+        "reached": len(reached),
+        "runs": len(values),
+    }
+
+
+def _trial_summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    plan, result = record["plan"], record["result"]
+    return {
+        "trial": plan["study"]["trial"],
+        "seed": plan["seed"],
+        "lr_multiplier": plan["lr_multiplier"],
+        "peak_lr": plan["schedule"]["peak"],
+        "horizon": plan["schedule"]["total_steps"],
+        "warmup_steps": plan["schedule"]["warmup_steps"],
+        "warmup_fraction": plan["warmup_fraction"],
+        "steps_to_target": result["steps_to_target"],
+        "stopped": result["stopped"],
+        "steps": result["steps"],
+        "best_validation_accuracy": result["best_validation_accuracy"],
+        "test_accuracy": result["test_accuracy"],
+        "b_simple_at_target": result.get("b_simple_at_target"),
+        "seconds": result["seconds"],
+    }
+
+
+def _cell(records: Sequence[Mapping[str, Any]], batch: int, targets: Sequence[float]) -> dict[str, Any]:
+    by_phase: dict[str, list[Mapping[str, Any]]] = {"tune": [], "seed": [], "epochs": []}
+    for record in records:
+        by_phase.setdefault(record["plan"]["study"]["phase"], []).append(record)
+    for phase in by_phase.values():
+        phase.sort(key=lambda r: (r["plan"]["study"]["trial"], r["plan"]["seed"]))
+    trials = [_trial_summary(r) for r in by_phase["tune"]]
+    primary = target_key(targets[0])
+    cell: dict[str, Any] = {"batch": batch, "trials": trials, "best_trial": None, "best": None, "steps": {},
+                            "examples": {}, "b_simple": None, "fixed_epochs": None,
+                            "seconds": sum(float(r["result"]["seconds"]) for r in records)}
+    if trials:
+        ranked = [{"steps_to_target": t["steps_to_target"].get(primary),
+                   "best_accuracy": t["best_validation_accuracy"]} for t in trials]
+        best = trials[best_trial(ranked)]
+        cell["best_trial"] = best["trial"]
+        cell["best"] = {k: best[k] for k in ("lr_multiplier", "peak_lr", "horizon", "warmup_steps", "warmup_fraction")}
+        repeats = [best] + [_trial_summary(r) for r in by_phase["seed"] if r["plan"]["study"]["trial"] == best["trial"]]
+        for target in targets:
+            key = target_key(target)
+            spread = median_and_range([t["steps_to_target"].get(key) for t in repeats])
+            cell["steps"][key] = spread
+            cell["examples"][key] = None if spread["median"] is None else spread["median"] * batch
+        noise = [t["b_simple_at_target"] for t in repeats if t["b_simple_at_target"] is not None]
+        cell["b_simple"] = statistics.median(noise) if noise else None
+        cell["seeds"] = sorted(t["seed"] for t in repeats)
+    for record in by_phase["epochs"]:
+        result = record["result"]
+        cell["fixed_epochs"] = {
+            "epochs": record["plan"]["epochs"],
+            "test_accuracy": result["test_accuracy"],
+            "final_validation_accuracy": result["final_validation_accuracy"],
+            "stopped": result["stopped"],
+        }
+    return cell
+
+
+def analyse(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The study's numbers from the stored runs: per framework, method and batch, and the fits.
+
+    Returns:
+        ``{framework: {"targets": [...], "methods": {method: {"cells": {batch: cell},
+        "fits": {target: fit or None}, "b_simple": median or None}}}}``; the keys of
+        ``cells`` are batch sizes as strings (JSON), targets as :func:`target_key` strings.
+    """
+    records = _study_records(records)
+    out: dict[str, Any] = {}
+    frameworks = sorted({r["plan"]["framework"] for r in records}, key=_framework_order)
+    for framework in frameworks:
+        mine = [r for r in records if r["plan"]["framework"] == framework]
+        targets = sorted({float(t) for r in mine for t in r["plan"]["study"]["targets"]})
+        methods: dict[str, Any] = {}
+        for method in sorted({r["plan"]["method"] for r in mine}, key=_method_order):
+            cells = {}
+            for batch in sorted({r["plan"]["global_batch"] for r in mine if r["plan"]["method"] == method}):
+                cell_runs = [r for r in mine if r["plan"]["method"] == method and r["plan"]["global_batch"] == batch]
+                cells[str(batch)] = _cell(cell_runs, batch, targets)
+            fits = {}
+            for target in targets:
+                key = target_key(target)
+                points = [(c["batch"], c["steps"][key]["median"]) for c in cells.values()
+                          if c["steps"].get(key, {}).get("median") is not None]
+                fit = fit_critical_batch([b for b, _ in points], [s for _, s in points]) if points else None
+                fits[key] = None if fit is None else fit.to_config()
+            noise = [c["b_simple"] for c in cells.values() if c["b_simple"] is not None]
+            methods[method] = {"cells": cells, "fits": fits, "b_simple": statistics.median(noise) if noise else None}
+        out[framework] = {"targets": [target_key(t) for t in targets], "methods": methods}
+    return out
+
+
+# -- CSV ----------------------------------------------------------------------
 def _csv_row(record: Mapping[str, Any]) -> dict[str, Any]:
     plan, result = record["plan"], record["result"]
     schedule = plan["schedule"]
     return {
-        "framework": plan["framework"],
-        "method": plan["method"],
-        "global_batch": plan["global_batch"],
-        "per_worker_batch": plan["per_worker_batch"],
-        "workers": plan["world_size"],
-        "epochs": plan["epochs"],
-        "steps_per_epoch": plan["steps_per_epoch"],
-        "total_steps": schedule["total_steps"],
-        "optimizer": plan["optimizer"],
-        "base_lr": plan["base_lr"],
-        "base_batch": plan["base_batch"],
-        "scaling": plan["scaling"],
-        "peak_lr": schedule["peak"],
-        "warmup_steps": schedule["warmup_steps"],
-        "schedule": _describe_schedule(schedule),
-        "test_accuracy": result["test_accuracy"],
-        "test_loss": result["test_loss"],
-        "train_loss": result["train_loss"],
-        "best_test_accuracy": max((h["test_accuracy"] for h in result.get("history", [])), default=result["test_accuracy"]),
-        "diverged": is_diverged(result),
-        "skipped_steps": result.get("skipped_steps", 0),
-        "seconds": round(float(result["seconds"]), 2),
+        "framework": plan["framework"], "method": plan["method"], "global_batch": plan["global_batch"],
+        "phase": plan["study"]["phase"], "trial": plan["study"]["trial"], "seed": plan["seed"],
+        "per_worker_batch": plan["per_worker_batch"], "workers": plan["world_size"],
+        "steps_per_epoch": plan["steps_per_epoch"], "horizon_steps": schedule["total_steps"],
+        "optimizer": plan["optimizer"], "base_lr": plan["base_lr"], "scaling": plan["scaling"],
+        "lr_multiplier": plan["lr_multiplier"], "peak_lr": schedule["peak"],
+        "warmup_steps": schedule["warmup_steps"], "warmup_fraction": plan["warmup_fraction"],
+        "schedule": f"{schedule['warmup']} warmup, {schedule['decay']} decay",
+        "targets": json.dumps(plan["study"]["targets"]),
+        "steps_to_target": json.dumps(result["steps_to_target"], sort_keys=True),
+        "stopped": result["stopped"], "steps": result["steps"],
+        "best_validation_accuracy": result["best_validation_accuracy"],
+        "final_validation_accuracy": result["final_validation_accuracy"],
+        "test_accuracy": result["test_accuracy"], "b_simple_at_target": result.get("b_simple_at_target"),
+        "skipped_steps": result.get("skipped_steps", 0), "seconds": round(float(result["seconds"]), 2),
         "optimizer_config": json.dumps(plan["optimizer_config"], sort_keys=True),
+        "exclusions": json.dumps(plan.get("exclusions") or {}, sort_keys=True),
         "conadv": "" if plan["conadv"] is None else json.dumps(plan["conadv"], sort_keys=True),
         "finished_at": record.get("finished_at", ""),
     }
 
 
-def _sorted_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return sorted(
-        records,
-        key=lambda r: (_framework_order(r["plan"]["framework"]), _method_order(r["plan"]["method"]),
-                       r["plan"]["global_batch"]),
-    )
-
-
 def write_csv(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """One row per cell with the columns of ``CSV_COLUMNS``."""
+    """One row per run of the study with the columns of ``CSV_COLUMNS``."""
+    rows = sorted(
+        _study_records(records),
+        key=lambda r: (_framework_order(r["plan"]["framework"]), _method_order(r["plan"]["method"]),
+                       r["plan"]["global_batch"], ("tune", "seed", "epochs").index(r["plan"]["study"]["phase"]),
+                       r["plan"]["study"]["trial"], r["plan"]["seed"]),
+    )
     with open(path, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        for record in _sorted_records(records):
+        for record in rows:
             writer.writerow(_csv_row(record))
 
 
-def accuracy_grid(
-    records: Iterable[Mapping[str, Any]], framework: str
-) -> tuple[list[str], list[int], dict[tuple[str, int], Mapping[str, Any]]]:
-    """``(methods, batch sizes, {(method, batch): result})`` of one framework, in table order."""
-    cells = {
-        (r["plan"]["method"], r["plan"]["global_batch"]): r["result"]
-        for r in records
-        if r["plan"]["framework"] == framework
-    }
-    methods = sorted({m for m, _ in cells}, key=_method_order)
-    batches = sorted({b for _, b in cells})
-    return methods, batches, cells
-
-
-def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: Sequence[str]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+# -- Markdown -----------------------------------------------------------------
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
 
 
-def _describe_schedule(schedule: Mapping[str, Any]) -> str:
-    from hvd_largebatch.schedules import Schedule
-
-    return Schedule.from_config(schedule).describe()
-
-
-def _warmup_text(plan: Mapping[str, Any]) -> str:
-    schedule = plan["schedule"]
-    if schedule["warmup"] == "none":
-        return "none"
-    fraction = schedule["warmup_steps"] / schedule["total_steps"]
-    return f"gradual from base LR, {100 * fraction:.0f}% of training"
+def _steps_text(spread: Mapping[str, Any] | None) -> str:
+    if not spread or not spread["runs"]:
+        return ""
+    if spread["median"] is None:
+        return f"not reached ({spread['reached']}/{spread['runs']})"
+    low, high = spread["min"], spread["max"]
+    span = f" [{low:g}-{high:g}]" if low != high else ""
+    return f"{spread['median']:g}{span} ({spread['reached']}/{spread['runs']})"
 
 
-def _decay_text(plan: Mapping[str, Any]) -> str:
-    schedule = plan["schedule"]
-    if schedule["decay"] == "step":
-        epochs = ", ".join(f"{m:g}" for m in schedule["milestones"])
-        return f"step x{schedule['gamma']:g} at epochs {epochs}"
-    if schedule["decay"] == "poly":
-        return f"poly (power {schedule['power']:g}) to {schedule['end_lr']:g}"
-    return schedule["decay"]
+def _number(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}g}"
 
 
-def _arguments_text(values: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items() if k not in skip)
-
-
-def format_table(store: ResultsStore) -> str:
-    """The Markdown report (see the module docstring)."""
-    records = store.records
-    lines = ["# hvd-largebatch bench: MNIST-1D test accuracy against global batch size", ""]
-    settings = store.settings or {}
-    if store.commands:
-        lines += ["Produced by:", ""] + [f"    {command}" for command in store.commands] + [""]
-    if settings:
-        data = settings.get("data", {})
-        lines += [
-            f"Every cell trains the same 1-D CNN with BatchNorm (25,322 parameters) on MNIST-1D "
-            f"({data.get('train_size', 0):,} train / {data.get('test_size', 0):,} test examples, mnist1d generator, "
-            f"seed {data.get('seed')}) for {_epochs_text([settings.get('epochs')])} on {settings.get('workers')} Horovod "
-            f"workers, model/data-order seed {settings.get('seed')}; only the recipe changes. Accuracy is on the "
-            "test set after the last epoch. Base LRs are set at batch "
-            f"{settings.get('base_batch')} and scaled by each recipe's rule.",
-            "",
-        ]
-    frameworks = sorted({r["plan"]["framework"] for r in records}, key=_framework_order)
-    if not frameworks:
-        lines += ["No cell has finished yet.", ""]
-    for framework in frameworks:
-        methods, batches, cells = accuracy_grid(records, framework)
-        best = {}
-        for batch in batches:
-            scores = [cells[(m, batch)]["test_accuracy"] for m in methods if (m, batch) in cells]
-            best[batch] = max(scores) if scores else None
-        rows = []
-        for method in methods:
-            row = [method]
-            for batch in batches:
-                result = cells.get((method, batch))
-                if result is None:
-                    row.append("—")
+def format_table(analysis: Mapping[str, Any], commands: Sequence[str] = ()) -> str:
+    """The Markdown report of :func:`analyse`'s result."""
+    lines = ["# Batch-size study: steps to a target validation accuracy", ""]
+    if commands:
+        lines += ["Produced by:", "", "```"] + list(commands) + ["```", ""]
+    for framework, part in analysis.items():
+        methods = part["methods"]
+        batches = sorted({int(b) for m in methods.values() for b in m["cells"]})
+        for key in part["targets"]:
+            lines += [f"## {framework}: steps to {float(key) * 100:g}% validation accuracy", "",
+                      "Median over the best tuning trial and its repeats [min-max of those that reached it] "
+                      "(runs that reached it / runs).", ""]
+            rows = [[method] + [_steps_text(m["cells"].get(str(b), {}).get("steps", {}).get(key)) for b in batches]
+                    for method, m in methods.items()]
+            lines += _markdown_table(["method"] + [f"B={b}" for b in batches], rows) + [""]
+            lines += [f"### {framework}: critical batch for {float(key) * 100:g}% (fit of S = S_min (1 + B_crit/B) "
+                      "to the medians) and the gradient noise scale", ""]
+            rows = []
+            for method, m in methods.items():
+                fit = m["fits"].get(key)
+                if fit is None:
+                    rows.append([method, "", "", "", "", "", _number(m["b_simple"])])
                     continue
-                text = f"{100 * result['test_accuracy']:.2f}"
-                if is_diverged(result):
-                    text += " (diverged)"
-                if result["test_accuracy"] == best[batch]:
-                    text = f"**{text}**"
-                row.append(text)
-            rows.append(row)
-        epochs = sorted({r["plan"]["epochs"] for r in records if r["plan"]["framework"] == framework})
-        lines += [f"## {framework}: test accuracy (%) after {_epochs_text(epochs)}", ""]
-        lines += _markdown_table(["method"] + [str(b) for b in batches], rows, [":--"] + ["--:"] * len(batches))
-        steps = {r["plan"]["global_batch"]: r["plan"]["steps_per_epoch"] for r in records
-                 if r["plan"]["framework"] == framework}
-        lines += [
-            "",
-            "Best per batch size in bold. Steps per epoch: "
-            + ", ".join(f"{steps[b]} at {b}" for b in batches) + ".",
-            "",
-            f"Wall time per cell ({framework}, seconds):",
-            "",
-        ]
-        time_rows = [[m] + [_seconds_text(cells[(m, b)]["seconds"]) if (m, b) in cells else "—" for b in batches]
-                     for m in methods]
-        lines += _markdown_table(["method"] + [str(b) for b in batches], time_rows,
-                                 [":--"] + ["--:"] * len(batches))
-        lines.append("")
-    lines += _recipes_section(records)
-    return "\n".join(lines).rstrip() + "\n"
+                rows.append([method, f"{fit['s_min']:.1f}", _number(fit["b_crit"], 4) or "no bend",
+                             _number(fit["e_min"], 3), str(fit["points"]), f"{fit['r_squared']:.3f}",
+                             _number(m["b_simple"])])
+            lines += _markdown_table(["method", "S_min", "B_crit", "E_min", "points", "R^2",
+                                      "B_simple at target (median)"], rows) + [""]
+        lines += [f"## {framework}: examples to {float(part['targets'][0]) * 100:g}% (median steps x batch)", ""]
+        key = part["targets"][0]
+        rows = [[method] + [_number(m["cells"].get(str(b), {}).get("examples", {}).get(key), 3) for b in batches]
+                for method, m in methods.items()]
+        lines += _markdown_table(["method"] + [f"B={b}" for b in batches], rows) + [""]
+        epochs = sorted({c["fixed_epochs"]["epochs"] for m in methods.values() for c in m["cells"].values()
+                         if c["fixed_epochs"]})
+        if epochs:
+            lines += [f"## {framework}: test accuracy after a fixed {', '.join(map(str, epochs))} epoch(s) "
+                      "(the papers' view; best tuned LR and warmup, seed 0)", ""]
+            rows = [[method] + [
+                "" if not (c := m["cells"].get(str(b))) or not c["fixed_epochs"]
+                else f"{100 * c['fixed_epochs']['test_accuracy']:.2f}%" for b in batches]
+                for method, m in methods.items()]
+            lines += _markdown_table(["method"] + [f"B={b}" for b in batches], rows) + [""]
+        lines += [f"## {framework}: chosen settings (best trial per cell) and every trial", "",
+                  "Trial columns: peak LR / horizon steps / warmup steps -> steps to the first target "
+                  "(- when not reached; how the trial stopped).", ""]
+        rows = []
+        for method, m in methods.items():
+            for b in batches:
+                c = m["cells"].get(str(b))
+                if not c or not c["trials"]:
+                    continue
+                tried = "; ".join(
+                    f"{t['peak_lr']:.3g}/{t['horizon']}/{t['warmup_steps']} -> "
+                    f"{t['steps_to_target'].get(key) if t['steps_to_target'].get(key) is not None else '-'}"
+                    f" ({t['stopped']})"
+                    for t in c["trials"]
+                )
+                best = c["best"]
+                rows.append([method, str(b), str(c["best_trial"]), f"{best['peak_lr']:.3g}", str(best["horizon"]),
+                             str(best["warmup_steps"]), tried, f"{c['seconds']:.0f}"])
+        lines += _markdown_table(["method", "batch", "best trial", "peak LR", "horizon", "warmup", "trials",
+                                  "seconds (cell)"], rows) + [""]
+    return "\n".join(lines) + "\n"
 
 
-def _seconds_text(seconds: float) -> str:
-    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+# -- plots --------------------------------------------------------------------
+def write_plot(analysis: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Median steps to the first target against batch, log-log, per framework; perfect scaling dotted."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def _epochs_text(epochs: Sequence[int]) -> str:
-    return f"{', '.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''}"
-
-
-def _recipes_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    by_method: dict[str, list[Mapping[str, Any]]] = {}
-    for record in records:
-        by_method.setdefault(record["plan"]["method"], []).append(record["plan"])
-    if not by_method:
-        return []
-    lines = ["## Recipes (every hyperparameter)", ""]
-    rows = []
-    for method in sorted(by_method, key=_method_order):
-        plans = sorted(by_method[method], key=lambda p: p["global_batch"])
-        plan = plans[0]
-        peaks = sorted({(p["global_batch"], p["schedule"]["peak"]) for p in plans})
-        optimizer = f"{plan['optimizer']}({_arguments_text(plan['optimizer_config'], skip=('lr',))})"
-        if plan["conadv"] is not None:
-            optimizer += f" + ConAdv({_arguments_text(plan['conadv'])})"
-        rows.append([
-            method,
-            optimizer,
-            f"{plan['base_lr']:g} @ {plan['base_batch']}",
-            plan["scaling"],
-            ", ".join(f"{peak:.4g} @ {batch}" for batch, peak in peaks),
-            _warmup_text(plan),
-            _decay_text(plan),
-        ])
-    lines += _markdown_table(
-        ["method", "optimizer (core spelling)", "base LR", "scaling", "peak LR", "warmup", "decay"],
-        rows, [":--"] * 7,
-    )
-    lines += [
-        "",
-        "BatchNorm scales/offsets and biases are excluded from weight decay and from layer adaptation "
-        "(the default exclusion rule). Every method uses the package's own optimizer, schedule, "
-        "DistributedOptimizer and broadcast, exactly as the examples do.",
-        "",
-    ]
-    return lines
-
-
-def write_table(store: ResultsStore, path: str | os.PathLike) -> str:
-    """Writes :func:`format_table`'s Markdown to ``path`` and returns it."""
-    text = format_table(store)
-    Path(path).write_text(text)
-    return text
-
-
-def write_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Test accuracy against global batch, one line per method, one panel per framework."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    frameworks = sorted({r["plan"]["framework"] for r in records}, key=_framework_order) or ["torch"]
-    figure = Figure(figsize=(5.5 * len(frameworks), 4.2), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(frameworks), squeeze=False)[0]
-    for axis, framework in zip(axes, frameworks):
-        methods, batches, cells = accuracy_grid(records, framework)
-        for method in methods:
-            points = [(b, 100 * cells[(method, b)]["test_accuracy"]) for b in batches if (method, b) in cells]
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    frameworks = list(analysis)
+    fig, axes = plt.subplots(1, max(1, len(frameworks)), figsize=(6.5 * max(1, len(frameworks)), 5), squeeze=False)
+    for axis, framework in zip(axes[0], frameworks):
+        part = analysis[framework]
+        key = part["targets"][0]
+        anchor: tuple[float, float] | None = None
+        for method, m in part["methods"].items():
+            points = [(c["batch"], c["steps"][key]) for c in m["cells"].values()
+                      if c["steps"].get(key, {}).get("median") is not None]
+            if not points:
+                continue
+            batches = [b for b, _ in points]
+            medians = [s["median"] for _, s in points]
+            low = [s["median"] - s["min"] for _, s in points]
+            high = [s["max"] - s["median"] for _, s in points]
+            line = axis.errorbar(batches, medians, yerr=[low, high], marker="o", capsize=3, label=method)
+            fit = m["fits"].get(key)
+            if fit and fit["b_crit"]:
+                grid = [batches[0] * (batches[-1] / batches[0]) ** (i / 40) for i in range(41)]
+                axis.plot(grid, [predicted_steps(fit["s_min"], fit["b_crit"], b) for b in grid], ls="--",
+                          color=line[0].get_color(), alpha=0.6, lw=1)
+            if anchor is None or batches[0] < anchor[0] or (batches[0] == anchor[0] and medians[0] < anchor[1]):
+                anchor = (batches[0], medians[0])
+        if anchor is not None:
+            all_batches = sorted({c["batch"] for m in part["methods"].values() for c in m["cells"].values()})
+            axis.plot(all_batches, [anchor[1] * anchor[0] / b for b in all_batches], ls=":", color="black",
+                      label="perfect scaling")
         axis.set_xscale("log", base=2)
-        if batches:
-            axis.set_xticks(batches, [str(b) for b in batches])
+        axis.set_yscale("log")
         axis.set_xlabel("global batch size")
-        axis.set_ylabel("test accuracy (%)")
-        epochs = sorted({r["plan"]["epochs"] for r in records if r["plan"]["framework"] == framework})
-        axis.set_title(f"MNIST-1D, {framework}, {_epochs_text(epochs)}")
-        axis.grid(True, alpha=0.3)
-        if methods:
-            axis.legend(loc="lower left", fontsize="small")
-    figure.savefig(path, dpi=120)
+        axis.set_ylabel(f"steps to {float(key) * 100:g}% validation accuracy")
+        axis.set_title(f"{framework}: median of 1+seeds runs, min-max bars, fit dashed")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_noise_plot(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """``B_simple`` against step, one panel per framework and method, one line per batch (best runs, seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    analysis = analyse(records)
+    chosen: dict[tuple[str, str], list[tuple[int, list]]] = {}
+    for record in _study_records(records):
+        plan = record["plan"]
+        cell = analysis[plan["framework"]]["methods"][plan["method"]]["cells"][str(plan["global_batch"])]
+        if plan["study"]["phase"] == "tune" and plan["study"]["trial"] == cell["best_trial"] and \
+                record["result"].get("noise_scale"):
+            chosen.setdefault((plan["framework"], plan["method"]), []).append(
+                (plan["global_batch"], record["result"]["noise_scale"]))
+    panels = sorted(chosen, key=lambda k: (_framework_order(k[0]), _method_order(k[1])))
+    columns = min(4, max(1, len(panels)))
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    if not panels:
+        axes[0][0].set_visible(True)
+        axes[0][0].text(0.5, 0.5, "no noise-scale measurements (one worker, or Keras)", ha="center", va="center")
+    for axis, (framework, method) in zip(axes.flat, panels):
+        for batch, trace in sorted(chosen[(framework, method)]):
+            axis.plot([s for s, _ in trace], [b for _, b in trace], label=f"B={batch}")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_title(f"{framework} {method}", fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_ylabel("B_simple")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_reports(store: ResultsStore) -> str:
-    """Writes results.csv, table.md and accuracy_vs_batch.png next to results.json; returns the table."""
-    out = store.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(store.records, out / CSV_FILE)
-    text = write_table(store, out / TABLE_FILE)
-    write_plot(store.records, out / PLOT_FILE)
+    """Writes every report of ``store``'s directory; returns the Markdown table."""
+    out = Path(store.out_dir)
+    records = store.records
+    analysis = analyse(records)
+    write_json_atomically(out / SUMMARY_FILE, _finite(analysis))
+    write_csv(records, out / CSV_FILE)
+    text = format_table(analysis, store.commands)
+    (out / TABLE_FILE).write_text(text)
+    if analysis:
+        write_plot(analysis, out / PLOT_FILE)
+        write_noise_plot(records, out / NOISE_PLOT_FILE)
     return text
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,4 +1,4 @@
-"""PyTorch cell runner of ``hvd-largebatch bench``: trains one sweep cell under Horovod.
+"""PyTorch runner of ``hvd-largebatch bench``: trains one study run under Horovod.
 
 :func:`train_cell` is an ordinary Horovod training loop written with the
 package's public API, the way a user would write it: the optimizer from
@@ -11,7 +11,9 @@ norms with ``add_grad_norms``, and ConAdv through
 :class:`~hvd_largebatch.torch_impl.conadv.ConAdv` with dual BatchNorm. Each
 rank trains on its shard of the global batch
 (:class:`hvd_largebatch.bench.data.ShardedBatches`) and evaluates a disjoint part of
-the test set; the sums are combined with one allreduce.
+the validation and test splits; the sums are combined with one allreduce.
+The study's measurements and stopping rule are
+:class:`~hvd_largebatch.bench.run_monitor.RunMonitor`'s.
 
 :class:`HorovodCellRunner` is what :mod:`hvd_largebatch.bench.worker` loads
 (``hvd.init()`` happens in its constructor).
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from hvd_largebatch.bench.data import MNIST1D, ShardedBatches, shard_of
 from hvd_largebatch.bench.recipes import CellPlan
+from hvd_largebatch.bench.run_monitor import RunMonitor
 from hvd_largebatch.bench.torch_model import MNIST1DConvNet
 from hvd_largebatch.torch_impl import (
     DistributedOptimizer,
@@ -71,32 +74,51 @@ def _batches(x: torch.Tensor, y: torch.Tensor, shards: ShardedBatches, epoch: in
         yield x[index], y[index]
 
 
+def _squared_norm(tensors: Iterator[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for tensor in tensors:
+        total += tensor.detach().double().pow(2).sum()
+    return total
+
+
 def train_cell(
     plan: CellPlan,
     data: MNIST1D,
     hvd: Any,
     on_epoch: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Trains ``plan`` on this rank (every rank calls it) and returns the cell's result.
+    """Trains one study run of ``plan`` on this rank (every rank calls it) and returns its result.
+
+    The last ``plan.study["validation_size"]`` training examples are the
+    validation split: the run is evaluated on it at the study's evaluation
+    steps and stops as :class:`~hvd_largebatch.bench.run_monitor.RunMonitor`
+    decides (target reached, diverged, or the horizon's last step). The test
+    split is scored once, at the end.
+
+    With more than one rank each step also measures the two squared gradient
+    norms of the noise scale: a hook on every parameter adds up this rank's
+    local gradient (before Horovod averages it in place), one allreduce
+    averages ``[loss, |G_local|^2]`` over the ranks (the loss for the
+    divergence rule), and the averaged gradient's norm is read between
+    ``optimizer.synchronize()`` and the step (Horovod's
+    ``skip_synchronize`` pattern).
 
     Args:
-        plan: the cell (optimizer record, schedule, ConAdv settings, batch, epochs, seed).
+        plan: the run (optimizer record, schedule, ConAdv settings, batch, seed, ``study`` fields).
         data: MNIST-1D (the same arrays on every rank).
         hvd: the initialised ``horovod.torch`` module.
-        on_epoch: called after each epoch with that epoch's report (rank 0 prints it).
+        on_epoch: called after each epoch with ``epoch``, ``step`` and the last validation accuracy.
 
     Returns:
-        ``test_accuracy``, ``test_loss``, ``train_loss`` (last epoch, mean over
-        steps and ranks of the optimised loss: for ConAdv, clean + adversarial), ``history`` (per epoch), ``seconds``
-        (training and evaluation wall time), ``skipped_steps`` (non-finite
-        gradients skipped by the optimizer).
+        :meth:`RunMonitor.result`, plus ``seconds``, ``skipped_steps`` and ``framework_versions``.
 
     Raises:
-        ValueError: when ``plan`` was made for another world size.
+        ValueError: when ``plan`` was made for another world size or is not a study run.
     """
     rank, size = hvd.rank(), hvd.size()
     if plan.world_size != size:
         raise ValueError(f"plan.world_size={plan.world_size} but Horovod runs {size} processes")
+    monitor = RunMonitor(plan)
     torch.manual_seed(plan.seed)
     model = MNIST1DConvNet()
     if plan.conadv is not None and plan.conadv["dual_bn"]:
@@ -106,7 +128,7 @@ def train_cell(
     schedule = plan.schedule
     optimizer = create_optimizer(
         plan.optimizer, model.named_parameters(), lr=schedule(0),
-        **torch_optimizer_arguments(plan.optimizer, plan.optimizer_args()),
+        **torch_optimizer_arguments(plan.optimizer, plan.optimizer_args()), **plan.exclusions,
     )
     optimizer = DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     scheduler = GradualWarmupScheduler(optimizer, schedule)
@@ -118,58 +140,76 @@ def train_cell(
         # Rank-dependent seed: each rank draws its own random starts and target labels.
         conadv = ConAdv(model, F.cross_entropy, seed=plan.seed * 1000 + rank, **plan.conadv)
     needs_norms = hasattr(optimizer, "add_grad_norms")  # CLARS measures per-example gradient norms
+    measure_noise = monitor.noise is not None
+    local_sq = torch.zeros((), dtype=torch.float64)
+    hooks = []
+    if measure_noise:
+        def add_local(grad: torch.Tensor) -> None:
+            local_sq.add_(grad.detach().double().pow(2).sum())
 
-    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    x_test = torch.from_numpy(shard_of(data.x_test, rank, size))
-    y_test = torch.from_numpy(shard_of(data.y_test, rank, size))
+        hooks = [p.register_hook(add_local) for p in model.parameters() if p.requires_grad]
+
+    validation = plan.study["validation_size"]
+    x_all, y_all = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    x_train, y_train = x_all[:-validation], y_all[:-validation]
+    x_val = shard_of(x_all[-validation:].numpy(), rank, size)
+    y_val = shard_of(y_all[-validation:].numpy(), rank, size)
+    x_val, y_val = torch.from_numpy(x_val), torch.from_numpy(y_val)
     shards = ShardedBatches(len(x_train), plan.global_batch, rank, size, plan.seed)
+    skipped_before = int(getattr(optimizer, "skipped_steps", 0))
 
-    history: list[dict[str, Any]] = []
     started = time.perf_counter()
     try:
         for epoch in range(plan.epochs):
-            epoch_start = time.perf_counter()
             model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64)
             batches: Iterator = _batches(x_train, y_train, shards, epoch)
             steps = conadv.lookahead(batches) if conadv is not None else ((b, None) for b in batches)
             for (x, y), ahead in steps:
                 optimizer.zero_grad()
+                local_sq.zero_()
                 loss = conadv.loss(x, y, ahead) if conadv is not None else F.cross_entropy(model(x), y)
                 loss.backward()
+                local = local_sq.clone()
                 if needs_norms:
                     optimizer.add_grad_norms(model, F.cross_entropy, x, y)
-                optimizer.step()
+                big_sq = None
+                if measure_noise:
+                    optimizer.synchronize()
+                    big_sq = float(_squared_norm(p.grad for p in model.parameters() if p.grad is not None))
+                    with optimizer.skip_synchronize():
+                        optimizer.step()
+                else:
+                    optimizer.step()
                 scheduler.step()
-                loss_sum += loss.detach().double()
-            lr = optimizer.param_groups[0]["lr"]
-            train_loss = float(hvd.allreduce(loss_sum / shards.steps_per_epoch, op=hvd.Average, name="bench.loss"))
-            test_loss, test_accuracy = evaluate(model, x_test, y_test, hvd)
-            report = {
-                "epoch": epoch + 1,
-                "epochs": plan.epochs,
-                "train_loss": train_loss,
-                "test_loss": test_loss,
-                "test_accuracy": test_accuracy,
-                "lr": lr,
-                "seconds": time.perf_counter() - epoch_start,
-            }
-            history.append(report)
+                shared = torch.stack([loss.detach().double(), local])
+                shared = hvd.allreduce(shared, op=hvd.Average, name="bench.step") if size > 1 else shared
+                skipped = int(getattr(optimizer, "skipped_steps", 0)) > skipped_before
+                if monitor.after_step(float(shared[0]), skipped, float(shared[1]) if measure_noise else None, big_sq):
+                    break
+                if monitor.wants_evaluation():
+                    val_loss, val_accuracy = evaluate(model, x_val, y_val, hvd)
+                    model.train()
+                    if monitor.after_evaluation(val_accuracy, val_loss):
+                        break
             if on_epoch is not None:
-                on_epoch(report)
+                last = monitor.trace[-1] if monitor.trace else [monitor.step, float("nan"), float("nan")]
+                on_epoch({"epoch": epoch + 1, "epochs": plan.epochs, "step": monitor.step,
+                          "validation_accuracy": last[1]})
+            if monitor.stopped is not None:
+                break
     finally:
         if conadv is not None:
             conadv.close()
-    last = history[-1]
-    return {
-        "test_accuracy": last["test_accuracy"],
-        "test_loss": last["test_loss"],
-        "train_loss": last["train_loss"],
-        "history": history,
-        "seconds": time.perf_counter() - started,
-        "skipped_steps": int(getattr(optimizer, "skipped_steps", 0)),
-        "framework_versions": {"torch": torch.__version__, "horovod": _horovod_version(), "numpy": np.__version__},
-    }
+        for hook in hooks:
+            hook.remove()
+    test = [torch.from_numpy(shard_of(a, rank, size)) for a in (data.x_test, data.y_test)]
+    test_loss, test_accuracy = evaluate(model, test[0], test[1], hvd)
+    return monitor.result(
+        test_loss, test_accuracy,
+        seconds=time.perf_counter() - started,
+        skipped_steps=int(getattr(optimizer, "skipped_steps", 0)),
+        framework_versions={"torch": torch.__version__, "horovod": _horovod_version(), "numpy": np.__version__},
+    )
 
 
 def _horovod_version() -> str:

@@ -1,13 +1,13 @@
-"""The worker side of ``hvd-largebatch bench``: runs a sweep's pending cells on every rank.
+"""The worker side of ``hvd-largebatch bench``: runs the study's remaining runs on every rank.
 
 ``horovodrun`` starts ``python -m hvd_largebatch.bench.worker DIR/_run/job.json``
 on each rank (or ``hvd-largebatch bench`` itself when the user launched it
 under ``horovodrun``). Every rank loads the same cached MNIST-1D and runs the
-cells in order through a framework *cell runner*
+runs rank 0 chooses (:func:`hvd_largebatch.bench.study.next_run`) through a framework *cell runner*
 (``hvd_largebatch.bench.torch_runner`` or ``hvd_largebatch.bench.keras_runner``),
 which trains with the package's optimizers, schedules and Horovod glue.
 
-Rank 0 alone prints progress and writes ``results.json`` after each cell; the
+Rank 0 alone prints progress and writes ``results.json`` after each run; the
 other ranks print nothing. When a cell raises on any rank, that rank writes
 a failure marker naming the cell and exits with status 1; Horovod then shuts
 the other ranks down and the launcher reports the cell (see
@@ -28,9 +28,11 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from hvd_largebatch.bench.data import MNIST1D, MNIST1DSpec, load_mnist1d
+from hvd_largebatch.bench.data import MNIST1D, load_mnist1d
 from hvd_largebatch.bench.recipes import CellPlan
 from hvd_largebatch.bench.results import FailureMarkers, ResultsStore
+from hvd_largebatch.bench.run_monitor import summary_line
+from hvd_largebatch.bench.study import StudySettings, next_run, runs_per_cell
 
 __all__ = [
     "RUNNER_MODULES",
@@ -72,38 +74,36 @@ class CellFailed(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class WorkerJob:
-    """What the workers of one launch run.
+    """What the workers of one launch run: a whole study (rank 0 picks each next run).
 
     Attributes:
         framework: ``"torch"`` or ``"keras"``.
-        out_dir: the sweep's output directory.
-        data: the MNIST-1D spec (``MNIST1DSpec.to_config()``).
-        cells: the pending cells, in order.
-        done_before: cells of the sweep already finished (for the ``[k/n]`` counter).
-        total: cells in the whole sweep.
+        out_dir: the study's output directory.
+        settings: the study settings (``StudySettings.to_config()``).
+        methods: the methods, in the order they are run.
+        batch_sizes: the global batch sizes.
     """
 
     framework: str
     out_dir: str
-    data: dict[str, Any]
-    cells: tuple[CellPlan, ...]
-    done_before: int
-    total: int
+    settings: dict[str, Any]
+    methods: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
 
     def to_config(self) -> dict[str, Any]:
         return {
             "framework": self.framework,
             "out_dir": self.out_dir,
-            "data": self.data,
-            "cells": [plan.to_config() for plan in self.cells],
-            "done_before": self.done_before,
-            "total": self.total,
+            "settings": self.settings,
+            "methods": list(self.methods),
+            "batch_sizes": list(self.batch_sizes),
         }
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> WorkerJob:
         values = dict(values)
-        values["cells"] = tuple(CellPlan.from_config(c) for c in values["cells"])
+        values["methods"] = tuple(values["methods"])
+        values["batch_sizes"] = tuple(values["batch_sizes"])
         return cls(**values)
 
 
@@ -129,60 +129,76 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def _cell_header(plan: CellPlan, index: int, total: int) -> str:
+def _run_header(plan: CellPlan, index: int, total: int) -> str:
     width = len(str(total))
+    study = plan.study or {}
+    what = {"tune": f"trial {study.get('trial')}", "seed": f"best trial {study.get('trial')}, seed {plan.seed}",
+            "epochs": f"fixed {plan.epochs} epochs"}.get(study.get("phase"), "")
+    warmup = f", warmup {plan.schedule.warmup_steps}" if plan.schedule.warmup_steps else ""
     return (
-        f"[{index:>{width}}/{total}] {plan.framework} {plan.method:<6} batch {plan.global_batch:>5} "
-        f"({plan.per_worker_batch}/worker, {plan.steps_per_epoch} steps/epoch, peak LR {plan.schedule.peak:g})"
+        f"[{index:>{width}}/{total}] {plan.framework} {plan.method:<8} batch {plan.global_batch:>5} {what}: "
+        f"peak LR {plan.schedule.peak:.4g} (x{plan.lr_multiplier:.3g}), horizon {plan.total_steps} steps{warmup}"
     )
 
 
-def _epoch_line(report: Mapping[str, Any]) -> str:
-    return (
-        f"    epoch {report['epoch']:>3}/{report['epochs']}  train loss {report['train_loss']:.4f}  "
-        f"test acc {100 * report['test_accuracy']:6.2f}%  lr {report['lr']:.4g}  {report['seconds']:.1f} s"
-    )
+def _next_message(job: WorkerJob, settings: StudySettings, store: ResultsStore) -> dict[str, Any] | None:
+    plan = next_run(job.framework, job.methods, job.batch_sizes, settings, store.records)
+    return None if plan is None else {"plan": plan.to_config()}
 
 
 def run_job(job: WorkerJob, runner: CellRunner, *, echo: Callable[[str], None] = print) -> None:
-    """Runs ``job``'s cells on this rank; rank 0 prints and stores each result.
+    """Runs the study's remaining runs on this rank; rank 0 chooses each run, prints and stores its result.
 
-    A cell's result (from the runner) holds at least ``test_accuracy``,
-    ``test_loss``, ``train_loss`` (last epoch's mean), ``history`` (one dict
-    per epoch: ``epoch``, ``train_loss``, ``test_accuracy``, ``test_loss``,
-    ``lr``, ``seconds``) and ``seconds`` (training wall time).
+    Rank 0 asks :func:`hvd_largebatch.bench.study.next_run` for the next run
+    and broadcasts it, so every rank runs the same plan and all stop together
+    (an error on rank 0 while planning is broadcast too, so no rank waits).
 
     Raises:
-        CellFailed: after writing this rank's failure marker, when a cell raises.
+        CellFailed: after writing this rank's failure marker, when a run raises.
     """
     rank = runner.rank
     markers = FailureMarkers(job.out_dir)
     store = ResultsStore(job.out_dir) if rank == 0 else None
-    data = load_mnist1d(MNIST1DSpec.from_config(job.data))
+    settings = StudySettings.from_config(job.settings)
+    data = load_mnist1d(settings.data)
+    total = len(job.methods) * len(job.batch_sizes) * runs_per_cell(settings)
     started = time.perf_counter()
-    for offset, plan in enumerate(job.cells):
-        index = job.done_before + offset + 1
-        on_epoch: EpochCallback | None = None
+    while True:
+        message: dict[str, Any] | None = None
         if rank == 0:
-            markers.mark_running(plan, index, job.total)
-            echo(_cell_header(plan, index, job.total))
-            on_epoch = lambda report: echo(_epoch_line(report))  # noqa: E731
+            try:
+                message = _next_message(job, settings, store)
+            except Exception as error:  # noqa: BLE001 - told to every rank, then raised here
+                message = {"error": f"{type(error).__name__}: {error}"}
+                runner.broadcast_object(message)
+                markers.mark_failed(rank, None, error, traceback.format_exc())
+                raise CellFailed(f"planning the next run failed on rank 0: {error}") from error
+        message = runner.broadcast_object(message)
+        if message is None:
+            return
+        if "error" in message:
+            raise CellFailed(f"rank 0 could not plan the next run: {message['error']}")
+        plan = CellPlan.from_config(message["plan"])
+        index = (len(store.records) + 1) if store is not None else 0
+        if rank == 0:
+            markers.mark_running(plan, index, total)
+            echo(_run_header(plan, index, total))
         try:
-            result = runner.run_cell(plan, data, on_epoch)
-        except Exception as error:  # noqa: BLE001 - any failure stops the sweep, naming the cell
+            result = runner.run_cell(plan, data, None)
+        except Exception as error:  # noqa: BLE001 - any failure stops the study, naming the run
             markers.mark_failed(rank, plan, error, traceback.format_exc())
             print(
-                f"hvd-largebatch bench: cell {plan.label} failed on rank {rank}: {type(error).__name__}: {error}",
+                f"hvd-largebatch bench: run {plan.label} failed on rank {rank}: {type(error).__name__}: {error}",
                 file=sys.stderr,
                 flush=True,
             )
-            raise CellFailed(f"cell {plan.label} failed on rank {rank}") from error
+            raise CellFailed(f"run {plan.label} failed on rank {rank}") from error
         if store is not None:
             store.add(plan, result)
             markers.mark_idle()
             echo(
-                f"    done: test acc {100 * result['test_accuracy']:.2f}% in {format_duration(result['seconds'])} "
-                f"(sweep {format_duration(time.perf_counter() - started)} so far)"
+                f"    {summary_line(result)}; {format_duration(result['seconds'])} "
+                f"(study {format_duration(time.perf_counter() - started)} so far)"
             )
 
 
