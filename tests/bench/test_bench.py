@@ -1,17 +1,13 @@
-"""Tests of the batch-size sweep: data sharding, recipes, results store, reports, and real tiny sweeps.
+"""Tests of the bench app's plumbing: data sharding, recipes, results store, command line, launcher.
 
-The framework-free parts are tested in-process (a fake cell runner stands in
-for a framework where only the bookkeeping is under test). The end-to-end
-tests run ``hvd-largebatch bench`` for real under ``horovodrun -np 2`` (Gloo):
-a tiny sweep per framework (two methods x two batch sizes, one epoch, small
-data) whose output files must all appear and parse, a rerun that must keep
-every finished cell, and a sweep whose second cell fails, which must stop
-with a message naming that cell and keep the first.
+Everything is tested in-process except one launch: ``horovodrun -np 2
+... hvd-largebatch bench`` must run a one-run study inside that launch. The
+study itself (tuning, targets, fit, reports, the end-to-end study) is tested
+in ``test_study.py``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -22,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hvd_largebatch.bench import data, launch, plan, recipes, report
+from hvd_largebatch.bench import data, launch, recipes, report, study
 from hvd_largebatch.bench.data import MNIST1DSpec, ShardedBatches, epoch_permutation, load_mnist1d, shard_of
 from hvd_largebatch.bench.results import FailureMarkers, ResultsStore
-from hvd_largebatch.bench.worker import CellFailed, WorkerJob, run_job
 
 TINY = MNIST1DSpec(train_size=1024, test_size=256)
 
@@ -208,16 +203,19 @@ def test_every_method_scales_its_base_lr_by_its_rule():
 
 
 def test_recipes_differ_as_documented():
-    sgd, goyal, lars, clars, lamb, conadv = (cell_plan(m, 2048) for m in recipes.METHOD_NAMES)
+    sgd, goyal, nesterov, adam, lars, clars, lamb, conadv = (cell_plan(m, 2048) for m in recipes.METHOD_NAMES)
     epochs, spe = 9, 60000 // 2048
     # sgd and goyal: same step decay at 1/3, 2/3, 8/9 of training; only goyal warms up (from the base LR).
     assert sgd.schedule.warmup == "none" and sgd.schedule.decay == "step"
     assert goyal.schedule.warmup == "gradual" and goyal.schedule.warmup_start == goyal.base_lr
     assert goyal.schedule.warmup_steps == round(recipes.WARMUP_FRACTION * epochs * spe)
-    assert sgd.schedule.milestones == goyal.schedule.milestones == (3, 6, 8)
+    assert sgd.schedule.milestones == goyal.schedule.milestones == (87, 174, 232)  # steps: 1/3, 2/3, 8/9 of 261
     assert sgd.optimizer_config == {**goyal.optimizer_config, "lr": sgd.schedule(0)}
-    # lars, lamb, conadv warm up then decay as poly(2); clars does not warm up.
-    for cell in (lars, lamb, conadv):
+    # nesterov, adam, lars, lamb, conadv warm up then decay as poly(2); clars does not warm up.
+    assert nesterov.optimizer == "sgd" and nesterov.optimizer_config["nesterov"] is True
+    assert adam.optimizer == "lamb" and adam.exclusions == {"exclude_from_layer_adaptation": "."}
+    assert lamb.exclusions == {} and adam.scaling == "sqrt" and nesterov.scaling == "linear"
+    for cell in (nesterov, adam, lars, lamb, conadv):
         assert cell.schedule.warmup == "gradual" and cell.schedule.decay == "poly" and cell.schedule.power == 2
     assert clars.schedule.warmup == "none" and clars.schedule.decay == "poly"
     assert clars.optimizer == "clars" and clars.optimizer_config["estimator"] == "exact"
@@ -239,7 +237,7 @@ def test_a_plan_round_trips_through_json():
 
 def test_short_runs_keep_only_milestones_after_the_warmup():
     cell = cell_plan("goyal", 8192, epochs=1, train_size=60000)  # 7 steps, warmup 1 step
-    assert all(m * cell.steps_per_epoch > cell.schedule.warmup_steps for m in cell.schedule.milestones)
+    assert cell.schedule.milestones and all(m > cell.schedule.warmup_steps for m in cell.schedule.milestones)
 
 
 @pytest.mark.parametrize(
@@ -261,38 +259,16 @@ def test_plan_cell_rejects_bad_input(kwargs, argument):
 def test_recipe_for_and_base_lr_override():
     assert recipes.recipe_for("lars", 0.5).base_lr == 0.5
     with pytest.raises(ValueError, match="method"):
-        recipes.recipe_for("adam")
+        recipes.recipe_for("rmsprop")
     with pytest.raises(ValueError, match="base_lr"):
         recipes.recipe_for("lars", -1.0)
 
 
 # --------------------------------------------------------------------------------------------
-# Sweep planning and the command line
+# The command line
 # --------------------------------------------------------------------------------------------
 def settings(**kwargs):
-    return plan.SweepSettings(**{"epochs": 1, "workers": 2, "data": TINY, **kwargs})
-
-
-def test_plan_sweep_orders_cells_by_method_then_batch_and_applies_overrides():
-    plans = plan.plan_sweep("keras", ["lars", "sgd"], [256, 64], settings(base_lrs=(("lars", 0.5),)))
-    assert [p.key for p in plans] == ["keras:lars:64", "keras:lars:256", "keras:sgd:64", "keras:sgd:256"]
-    assert plans[0].base_lr == 0.5 and plans[2].base_lr == recipes.BASE_LRS["sgd"]
-
-
-@pytest.mark.parametrize(
-    "methods,batches,argument",
-    [
-        (["lars", "lars"], [64], "methods"),
-        (["adam"], [64], "methods"),
-        ([], [64], "methods"),
-        (["lars"], [64, 64], "batch_sizes"),
-        (["lars"], [63], "multiples of workers"),
-        (["lars"], [2048], "at most the training set size"),
-    ],
-)
-def test_plan_sweep_rejects_bad_input(methods, batches, argument):
-    with pytest.raises(ValueError, match=argument):
-        plan.plan_sweep("torch", methods, batches, settings())
+    return study.StudySettings(**{"epochs": 1, "workers": 2, "data": TINY, "validation_size": 256, **kwargs})
 
 
 def test_inside_horovodrun_is_detected_from_the_environment():
@@ -304,10 +280,14 @@ def test_inside_horovodrun_is_detected_from_the_environment():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--methods", "sgd,adam"], "--methods must be a comma-separated list of"),
+        (["--methods", "sgd,rmsprop"], "--methods must be a comma-separated list of"),
+        (["--methods", "sgd,sgd"], "methods must be a non-empty list without repeats"),
+        (["--targets", "0.97,95"], "targets must be an accuracy in (0, 1)"),
+        (["--lr-range", "0.5"], "--lr-range must hold exactly 2 number(s)"),
         (["--batch-sizes", "64,big"], "--batch-sizes must be comma-separated integers"),
         (["--base-lr", "lars:2"], "--base-lr must look like METHOD=LR"),
-        (["--epochs", "0"], "epochs must be an integer >= 1"),
+        (["--trials", "0"], "trials must be an integer >= 1"),
+        (["--validation-size", "60000"], "validation_size must be smaller"),
         (["--framework", "jax"], "invalid choice"),
     ],
 )
@@ -322,66 +302,8 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, tmp_path, capsys)
 
 
 # --------------------------------------------------------------------------------------------
-# Results store, worker loop with a fake runner, failure messages, reports
+# Results store, failure messages, the launcher
 # --------------------------------------------------------------------------------------------
-class FakeRunner:
-    """Stands in for a framework runner: rank 0 of 1, records the cells it runs, fails on request."""
-
-    rank, size = 0, 1
-
-    def __init__(self, fail_on=None):
-        self.ran, self.fail_on = [], fail_on
-
-    def broadcast_object(self, value):
-        return value
-
-    def run_cell(self, plan, data, on_epoch):
-        self.ran.append(plan.key)
-        if plan.key == self.fail_on:
-            raise RuntimeError("injected by the fake runner")
-        accuracy = 1.0 - plan.global_batch / 10000
-        report = {"epoch": 1, "epochs": 1, "train_loss": 0.5, "test_loss": 0.4, "test_accuracy": accuracy,
-                  "lr": 0.1, "seconds": 0.01}
-        on_epoch(report)
-        return {"test_accuracy": accuracy, "test_loss": 0.4, "train_loss": 0.5, "history": [report],
-                "seconds": 0.01, "skipped_steps": 0}
-
-
-def job_for(out_dir, plans, store):
-    _, pending, _ = store.split(plans)
-    return WorkerJob(framework="torch", out_dir=str(out_dir), data=TINY.to_config(), cells=tuple(pending),
-                     done_before=len(plans) - len(pending), total=len(plans))
-
-
-def test_worker_stores_each_cell_and_a_failure_names_the_cell_then_resume_keeps_finished_cells(
-    tmp_path, cache_env
-):
-    sweep = settings()
-    plans = plan.plan_sweep("torch", ["sgd", "lars"], [64, 256], sweep)
-    store = ResultsStore(tmp_path)
-    store.adopt_settings(sweep.to_config())
-    store.save()
-    lines = []
-    failing = FakeRunner(fail_on="torch:lars:64")
-    with pytest.raises(CellFailed, match="torch lars batch 64"):
-        run_job(job_for(tmp_path, plans, store), failing, echo=lines.append)
-    assert failing.ran == ["torch:sgd:64", "torch:sgd:256", "torch:lars:64"]
-    assert any(line.startswith("[1/4] torch sgd") for line in lines)
-    cause = FailureMarkers(tmp_path).first_cause()
-    assert cause["key"] == "torch:lars:64" and cause["error_type"] == "RuntimeError" and cause["rank"] == 0
-    assert FailureMarkers(tmp_path).running()["key"] == "torch:lars:64"
-    # Rerun: the two finished cells are kept and not run again.
-    store = ResultsStore(tmp_path)
-    assert [r["key"] for r in store.records] == ["torch:sgd:64", "torch:sgd:256"]
-    job = job_for(tmp_path, plans, store)
-    assert [p.key for p in job.cells] == ["torch:lars:64", "torch:lars:256"] and job.done_before == 2
-    again = FakeRunner()
-    run_job(job, again, echo=lines.append)
-    assert again.ran == ["torch:lars:64", "torch:lars:256"]
-    assert len(ResultsStore(tmp_path).records) == 4
-    assert "[4/4] torch lars" in "\n".join(lines)
-
-
 def test_store_refuses_other_settings_and_reruns_changed_recipes(tmp_path):
     store = ResultsStore(tmp_path)
     store.adopt_settings(settings().to_config())
@@ -445,39 +367,6 @@ def test_only_a_refused_gloo_rendezvous_counts_as_a_lost_connection():
     assert not launch.lost_gloo_connection(["gloo::IoException: Timed out"])
 
 
-def test_reports_cover_every_finished_cell(tmp_path):
-    store = ResultsStore(tmp_path)
-    store.adopt_settings(settings().to_config())
-    store.add_command("hvd-largebatch bench --framework torch")
-    accuracies = {("sgd", 128): 0.97, ("sgd", 8192): 0.31, ("lars", 128): 0.96, ("lars", 8192): 0.88}
-    for (method, batch), accuracy in accuracies.items():
-        history = [{"epoch": 1, "test_accuracy": accuracy}]
-        loss = float("nan") if accuracy < 0.5 else 0.3
-        store.add(cell_plan(method, batch), {"test_accuracy": accuracy, "test_loss": 0.3, "train_loss": loss,
-                                        "history": history, "seconds": 12.5})
-    store.add(cell_plan("lamb", 128, framework="keras"), {"test_accuracy": 0.95, "test_loss": 0.2, "train_loss": 0.2,
-                                                     "history": [], "seconds": 3.0})
-    text = report.write_reports(ResultsStore(tmp_path))
-
-    with open(tmp_path / report.CSV_FILE) as stream:
-        rows = list(csv.DictReader(stream))
-    assert len(rows) == 5 and tuple(rows[0]) == report.CSV_COLUMNS
-    by_key = {(r["framework"], r["method"], int(r["global_batch"])): r for r in rows}
-    assert float(by_key[("torch", "lars", 8192)]["test_accuracy"]) == 0.88
-    assert by_key[("torch", "sgd", 8192)]["diverged"] == "True"
-    assert json.loads(by_key[("torch", "lars", 128)]["optimizer_config"])["trust_coefficient"] == 0.001
-    assert float(by_key[("torch", "lars", 8192)]["peak_lr"]) == pytest.approx(cell_plan("lars", 8192).schedule.peak)
-    assert float(by_key[("torch", "sgd", 8192)]["peak_lr"]) == pytest.approx(64 * recipes.BASE_LRS["sgd"])
-
-    assert text == (tmp_path / report.TABLE_FILE).read_text()
-    assert "| sgd | **97.00** | 31.00 (diverged) |" in text
-    assert "| lars | 96.00 | **88.00** |" in text
-    assert "## keras: test accuracy (%) after 9 epochs" in text
-    assert "hvd-largebatch bench --framework torch" in text
-    assert "trust_coefficient=0.001" in text and "sqrt" in text
-    assert (tmp_path / report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 # --------------------------------------------------------------------------------------------
 # The models: same size in both frameworks
 # --------------------------------------------------------------------------------------------
@@ -529,78 +418,20 @@ def run_bench(argv, cache_dir, timeout=600):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("framework,methods", [("torch", "sgd,lars"), ("keras", "goyal,lamb")])
-def test_tiny_sweep_writes_every_output_and_a_rerun_keeps_finished_cells(framework, methods, tmp_path, cache_dir):
-    out = tmp_path / "results"
-    argv = ["--framework", framework, "--methods", methods, "--batch-sizes", "64,256", "--epochs", "1",
-            "--train-size", str(TINY.train_size), "--test-size", str(TINY.test_size), "--workers", "2",
-            "--out", str(out)]
-    proc = run_bench(argv, cache_dir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    first, second = methods.split(",")
-    # Progress from rank 0 only: one header per cell, one line per epoch, no other rank's output.
-    for index, (method, batch) in enumerate([(first, 64), (first, 256), (second, 64), (second, 256)], start=1):
-        assert f"[{index}/4] {framework} {method:<6} batch {batch:>5}" in proc.stdout
-    assert proc.stdout.count("    epoch   1/1 ") == 4
-    assert "[1]<" not in proc.stdout and "<stdout>" not in proc.stdout
-
-    stored = json.loads((out / "results.json").read_text())
-    assert len(stored["cells"]) == 4 and stored["settings"]["epochs"] == 1
-    for record in stored["cells"]:
-        result = record["result"]
-        assert 0.0 <= result["test_accuracy"] <= 1.0 and result["seconds"] > 0
-        assert len(result["history"]) == 1 and record["plan"]["world_size"] == 2
-        assert record["plan"]["framework"] == framework
-    with open(out / "results.csv") as stream:
-        rows = list(csv.DictReader(stream))
-    assert sorted((r["method"], int(r["global_batch"])) for r in rows) == sorted(
-        (m, b) for m in (first, second) for b in (64, 256)
-    )
-    table = (out / "table.md").read_text()
-    assert f"## {framework}: test accuracy (%) after 1 epoch" in table
-    assert f"| {first} |" in table and "| method | 64 | 256 |" in table
-    assert table.strip() in proc.stdout.replace("\r", "")
-    assert (out / "accuracy_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
-    assert "test acc" in (out / "sweep.log").read_text()
-
-    # The same command again: every cell is finished, nothing is launched, the reports are rewritten.
-    again = run_bench(argv, cache_dir)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "4 cells (4 already finished)" in again.stdout and "launching" not in again.stdout
-    assert json.loads((out / "results.json").read_text())["cells"] == stored["cells"]
-
-
-def test_a_failing_cell_stops_the_sweep_naming_it_and_keeps_finished_cells(tmp_path, cache_env, capsys):
-    sweep = settings()
-    good = plan.plan_sweep("torch", ["sgd"], [64], sweep)[0]
-    # A plan made for 3 workers cannot run on 2: the runner raises on both ranks.
-    bad = recipes.plan_cell(recipes.METHODS["lars"], framework="torch", global_batch=96, world_size=3, epochs=1,
-                            train_size=TINY.train_size, seed=0)
-    status = launch.launch_sweep("torch", [good, bad], sweep, tmp_path, echo=print)
-    captured = capsys.readouterr()
-    assert status == 1
-    assert (
-        "hvd-largebatch bench: stopped: cell torch lars batch 96 failed on rank 0: ValueError: "
-        "plan.world_size=3 but Horovod runs 2 processes" in captured.err
-    )
-    assert "1 finished cell(s) are kept" in captured.err and "rerun the same command to resume" in captured.err
-    assert [r["key"] for r in ResultsStore(tmp_path).records] == ["torch:sgd:64"]
-    assert (tmp_path / "table.md").exists() and (tmp_path / "results.csv").exists()
-
-
-def test_started_by_horovodrun_the_sweep_runs_inside_that_launch(tmp_path, cache_dir):
+def test_started_by_horovodrun_the_study_runs_inside_that_launch(tmp_path, cache_dir):
     out = tmp_path / "inside"
     horovodrun = str(Path(sys.executable).with_name("horovodrun"))
     command = [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "hvd_largebatch", "bench",
-               "--framework", "torch", "--methods", "sgd", "--batch-sizes", "64", "--epochs", "1",
-               "--train-size", str(TINY.train_size), "--test-size", str(TINY.test_size), "--out", str(out)]
+               "--framework", "torch", "--methods", "sgd", "--batch-sizes", "64", "--trials", "1", "--seeds", "0",
+               "--epochs", "0", "--targets", "0.3", "--horizon", "10,0", "--train-size", str(TINY.train_size),
+               "--validation-size", "256", "--test-size", str(TINY.test_size), "--out", str(out)]
     env = {**os.environ, "HVD_LB_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
     for _ in range(2):  # Gloo's rendezvous can lose a port race on a busy machine
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode == 0 or not launch.lost_gloo_connection(proc.stderr.splitlines()):
             break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[0]<stdout>:[1/1] torch sgd    batch    64" in proc.stdout
+    assert "[0]<stdout>:[1/1] torch sgd      batch    64 trial 0" in proc.stdout
     assert "[0]<stdout>:| sgd |" in proc.stdout and "[1]<stdout>" not in proc.stdout
-    assert [r["key"] for r in ResultsStore(out).records] == ["torch:sgd:64"]
-    assert (out / "table.md").exists() and (out / "accuracy_vs_batch.png").exists()
+    assert [r["key"] for r in ResultsStore(out).records] == ["torch:sgd:64:tune:0:0"]
+    assert (out / report.TABLE_FILE).exists() and (out / report.PLOT_FILE).exists()
