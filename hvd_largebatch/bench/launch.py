@@ -1,22 +1,21 @@
-"""Runs the planned batch-size sweep under Horovod, resumes it, and reports it: ``hvd-largebatch bench``.
+"""Runs the batch-size study under Horovod, resumes it, and reports it: ``hvd-largebatch bench``.
 
-For each method of :mod:`hvd_largebatch.bench.recipes` and each global batch size,
-one *cell* trains the 1-D CNN on MNIST-1D for the same number of epochs under
-Horovod and records the test accuracy (:mod:`hvd_largebatch.bench.plan` lists
-the cells). Two ways to run it:
+The study (:mod:`hvd_largebatch.bench.study`) is a list of runs per (method,
+global batch) cell: tuning trials, repeats of the best one with new seeds, a
+fixed-epoch run. Two ways to run it:
 
-* ``hvd-largebatch bench ...`` (the usual one) plans the sweep, generates and
-  caches the data, then launches ``horovodrun -np W -H localhost:W --gloo``
+* ``hvd-largebatch bench ...`` (the usual one) checks the settings, generates
+  and caches the data, then launches ``horovodrun -np W -H localhost:W --gloo``
   on :mod:`hvd_largebatch.bench.worker` itself and shows rank 0's progress;
-* ``horovodrun -np W ... hvd-largebatch bench ...`` runs the sweep inside
-  that launch (detected from Horovod's environment variables): rank 0 plans
-  and broadcasts the job.
+* ``horovodrun -np W ... hvd-largebatch bench ...`` runs the study inside
+  that launch (detected from Horovod's environment variables).
 
-Either way the output directory holds ``results.json`` (rewritten after
-every cell; a rerun keeps finished cells), ``results.csv``, ``table.md`` and
-``accuracy_vs_batch.png`` (see :mod:`hvd_largebatch.bench.results` and
-:mod:`hvd_largebatch.bench.report`). A failing worker stops the sweep; the
-launcher prints which cell failed, on which rank, and why.
+Either way one launch runs every remaining run, rank 0 choosing each next one
+from the finished ones (:func:`hvd_largebatch.bench.study.next_run`), and the
+output directory holds ``results.json`` (rewritten after every run; a rerun
+of the same command resumes) and the reports of :mod:`hvd_largebatch.bench.report`.
+A failing worker stops the study; the launcher prints which run failed, on
+which rank, and why.
 
 This module is framework-free: the frameworks are only imported by the
 workers, through the runner modules named in

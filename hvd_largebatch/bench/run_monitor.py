@@ -56,7 +56,10 @@ class RunMonitor:
             raise ValueError(f"plan.study must describe a study run, got None for {plan.label}")
         study = plan.study
         self.total_steps = plan.total_steps
-        self.evaluation_steps = frozenset(evaluation_steps(self.total_steps, float(study["evaluation_ratio"])))
+        min_gap = -(-int(study["validation_size"]) // plan.global_batch)  # as many examples trained as scored
+        self.evaluation_steps = frozenset(
+            evaluation_steps(self.total_steps, float(study["evaluation_ratio"]), min_gap=min_gap)
+        )
         self.targets = [float(t) for t in study["targets"]]
         self.stop_at_target = bool(study["stop_at_target"])
         self.global_batch = plan.global_batch

@@ -66,7 +66,7 @@ PHASES = ("tune", "seed", "epochs")
 #: 95% validation accuracy: chosen before the study from the first probe (LARS, 2.5e5..1e6 examples per run),
 #: which put the critical batch for it near 600, between the grid's 256 and 1024.
 DEFAULT_TARGETS = (0.95,)
-DEFAULT_VALIDATION_SIZE = 5000
+DEFAULT_VALIDATION_SIZE = 4000
 #: ``(S0, B0)`` of the horizon guess ``S0 * (1 + B0 / B)`` steps: about 1.5 times the steps the first
 #: probe needed for 95% (LARS: 208 at batch 256, 73 at 4096).
 DEFAULT_HORIZON = (100.0, 500.0)

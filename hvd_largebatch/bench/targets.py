@@ -6,10 +6,15 @@ accuracy fixed before the runs, measured on a held-out validation split.
 Every run is evaluated at the same steps, a geometric grid that does not
 depend on the method or the batch size:
 
-    steps = sorted({ceil(ratio**k) : k = 0, 1, ...} that are <= total) + [total]
+    grid  = sorted({ceil(ratio**k) : k = 0, 1, ...} that are <= total)
+    steps = the grid points at least ``min_gap`` steps after the previous kept one, and ``total``
 
 so ``S`` is known to within a factor ``ratio`` (default ``2**(1/8)``, 9%)
-whatever its size, and the evaluations cost a few percent of training. A run
+or ``min_gap`` steps, whichever is larger. The study sets ``min_gap`` to the
+steps that process as many training examples as one evaluation scores
+(``ceil(validation_size / batch)``), so evaluating never costs more than
+about a third of training (a forward pass over ``V`` examples against
+forward and backward passes over at least ``V``). A run
 that never reaches the target within its budget has no ``S``: it is reported
 as "not reached", never as the budget.
 
@@ -42,30 +47,39 @@ def check_target(name: str, value: float) -> float:
     return float(value)
 
 
-def evaluation_steps(total_steps: int, ratio: float = DEFAULT_EVALUATION_RATIO) -> list[int]:
+def evaluation_steps(total_steps: int, ratio: float = DEFAULT_EVALUATION_RATIO, min_gap: int = 1) -> list[int]:
     """The steps (counted from 1, after that many updates) at which a run of ``total_steps`` is evaluated.
 
     Args:
         total_steps: the run's step budget (its schedule's total steps), >= 1.
         ratio: growth factor between evaluations, > 1.
+        min_gap: fewest steps between two evaluations (the last step is always evaluated), >= 1.
 
     Raises:
-        ValueError: naming ``total_steps`` or ``ratio``.
+        ValueError: naming ``total_steps``, ``ratio`` or ``min_gap``.
+
+    Example:
+        >>> evaluation_steps(100, min_gap=16)
+        [16, 32, 50, 70, 91, 100]
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1.0 or not math.isfinite(ratio):
         raise ValueError(f"ratio must be a finite number > 1, got {ratio!r}")
-    steps = set()
+    if isinstance(min_gap, bool) or not isinstance(min_gap, int) or min_gap < 1:
+        raise ValueError(f"min_gap must be an integer >= 1, got {min_gap!r}")
+    steps: list[int] = []
     k = 0
     while True:
         step = math.ceil(ratio**k - 1e-9)
         if step > total_steps:
             break
-        steps.add(step)
+        if step - (steps[-1] if steps else 0) >= min_gap and step not in steps:
+            steps.append(step)
         k += 1
-    steps.add(total_steps)
-    return sorted(steps)
+    if not steps or steps[-1] != total_steps:
+        steps.append(total_steps)
+    return steps
 
 
 def steps_to_target(trace: Iterable[Sequence[float]], target: float) -> int | None:
