@@ -19,9 +19,10 @@ import argparse
 import shlex
 from typing import Any
 
-from hvd_largebatch.bench import launch, plan
+from hvd_largebatch.bench import launch, plan, report
 from hvd_largebatch.bench.data import DEFAULT_SEED, DEFAULT_TEST_SIZE, DEFAULT_TRAIN_SIZE, MNIST1DSpec
 from hvd_largebatch.bench.recipes import BASE_BATCH, BASE_LRS, METHOD_NAMES, METHODS
+from hvd_largebatch.bench.results import ResultsStore
 from hvd_largebatch.bench.study import DEFAULT_HORIZON, DEFAULT_TARGETS, DEFAULT_VALIDATION_SIZE, StudySettings
 from hvd_largebatch.bench.tuning import SearchSpace
 from hvd_largebatch.bench.worker import print_line
@@ -97,6 +98,11 @@ def register(subparsers: Any) -> None:
         default=None,
         help="override base LRs (at --base-batch), e.g. lars=1.0,sgd=0.05",
     )
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite the reports of --out from its results.json")
+    parser.add_argument("--merge", action="append", default=[], metavar="DIR",
+                        help="with --report-only: first add the finished runs of another output directory of "
+                             "the same study settings (e.g. other methods run at the same time) to --out")
     parser.set_defaults(handler=run)
 
 
@@ -144,8 +150,29 @@ _DEFAULTS = {"train_size": DEFAULT_TRAIN_SIZE, "validation_size": DEFAULT_VALIDA
              "base_lr": None, "backend": "gloo"}
 
 
+def report_only(out: str, merge: list[str]) -> int:
+    """``--report-only``: merges the other directories' runs into ``out`` and rewrites its reports.
+
+    Raises:
+        ValueError: naming ``--out`` when it holds no study, or ``--merge`` (other settings).
+    """
+    store = ResultsStore(out)
+    if store.settings is None:
+        raise ValueError(f"--out {out} holds no study results.json to report")
+    for directory in merge:
+        added = store.merge(ResultsStore(directory))
+        print_line(f"merged {added} run(s) of {directory} into {store.path}")
+    store.save()
+    print_line(report.write_reports(store).rstrip())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the study; returns 0, 1 when a run failed, 2 for bad arguments (via ValueError)."""
+    if args.merge and not args.report_only:
+        raise ValueError("--merge works with --report-only only (it runs nothing)")
+    if args.report_only:
+        return report_only(args.out, args.merge)
     methods = plan.parse_name_list(args.methods, "--methods", METHOD_NAMES)
     batch_sizes = plan.parse_int_list(args.batch_sizes, "--batch-sizes")
     plan.check_study_lists(args.framework, methods, batch_sizes)

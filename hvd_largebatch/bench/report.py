@@ -262,6 +262,11 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}g}"
 
 
+def _count(value: float | None) -> str:
+    """``1234.5`` -> ``1,234`` (examples, noise scales, critical batches)."""
+    return "" if value is None else f"{value:,.0f}"
+
+
 def format_table(analysis: Mapping[str, Any], commands: Sequence[str] = ()) -> str:
     """The Markdown report of :func:`analyse`'s result."""
     lines = ["# Batch-size study: steps to a target validation accuracy", ""]
@@ -283,16 +288,16 @@ def format_table(analysis: Mapping[str, Any], commands: Sequence[str] = ()) -> s
             for method, m in methods.items():
                 fit = m["fits"].get(key)
                 if fit is None:
-                    rows.append([method, "", "", "", "", "", _number(m["b_simple"])])
+                    rows.append([method, "", "", "", "", "", _count(m["b_simple"])])
                     continue
-                rows.append([method, f"{fit['s_min']:.1f}", _number(fit["b_crit"], 4) or "no bend",
-                             _number(fit["e_min"], 3), str(fit["points"]), f"{fit['r_squared']:.3f}",
-                             _number(m["b_simple"])])
+                rows.append([method, f"{fit['s_min']:.1f}", _count(fit["b_crit"]) or "no bend",
+                             _count(fit["e_min"]), str(fit["points"]), f"{fit['r_squared']:.3f}",
+                             _count(m["b_simple"])])
             lines += _markdown_table(["method", "S_min", "B_crit", "E_min", "points", "R^2",
                                       "B_simple at target (median)"], rows) + [""]
         lines += [f"## {framework}: examples to {float(part['targets'][0]) * 100:g}% (median steps x batch)", ""]
         key = part["targets"][0]
-        rows = [[method] + [_number(m["cells"].get(str(b), {}).get("examples", {}).get(key), 3) for b in batches]
+        rows = [[method] + [_count(m["cells"].get(str(b), {}).get("examples", {}).get(key)) for b in batches]
                 for method, m in methods.items()]
         lines += _markdown_table(["method"] + [f"B={b}" for b in batches], rows) + [""]
         epochs = sorted({c["fixed_epochs"]["epochs"] for m in methods.values() for c in m["cells"].values()

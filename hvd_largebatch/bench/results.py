@@ -160,6 +160,26 @@ class ResultsStore:
         self._data["cells"] = [r for r in self._data["cells"] if r["key"] != plan.key] + [record]
         self.save()
 
+    def merge(self, other: ResultsStore) -> int:
+        """Adds ``other``'s finished runs and commands (a study of the same settings); returns how many runs.
+
+        A run already stored here under the same key is kept as it is.
+
+        Raises:
+            ValueError: naming ``--merge`` when the settings differ or ``other`` holds no settings.
+        """
+        if other.settings is None or other.settings != self.settings:
+            raise ValueError(
+                f"--merge {other.out_dir}: its study has other settings than {self.out_dir}; "
+                "only runs of the same settings can be reported together"
+            )
+        known = {r["key"] for r in self._data["cells"]}
+        added = [r for r in other.records if r["key"] not in known]
+        self._data["cells"] += added
+        for command in other.commands:
+            self.add_command(command)
+        return len(added)
+
     def save(self) -> None:
         write_json_atomically(self.path, self._data)
 

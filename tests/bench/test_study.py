@@ -309,6 +309,28 @@ def test_reports_write_every_file_from_the_stored_runs(tmp_path, monkeypatch):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_only_merges_a_study_run_elsewhere_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    from hvd_largebatch.cli import main
+
+    monkeypatch.setattr("hvd_largebatch.bench.worker.load_mnist1d", lambda spec: None)
+    run_fake_study(tmp_path / "a", FakeRunner(), methods=("lars",), batches=(256,))
+    run_fake_study(tmp_path / "b", FakeRunner(), methods=("sgd",), batches=(256,))
+    assert main(["bench", "--report-only", "--out", str(tmp_path / "a"), "--merge", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "merged 6 run(s)" in out and "| sgd |" in out and "| lars |" in out
+    merged = ResultsStore(tmp_path / "a")
+    assert len(merged.records) == 12 and (tmp_path / "a" / report.PLOT_FILE).exists()
+    assert main(["bench", "--report-only", "--out", str(tmp_path / "a"), "--merge", str(tmp_path / "b")]) == 0
+    assert len(ResultsStore(tmp_path / "a").records) == 12  # merging twice adds nothing
+    other = ResultsStore(tmp_path / "c")
+    other.adopt_settings(settings(seeds=1).to_config())
+    other.save()
+    assert main(["bench", "--report-only", "--out", str(tmp_path / "a"), "--merge", str(tmp_path / "c")]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main(["bench", "--out", str(tmp_path / "a"), "--merge", str(tmp_path / "b")]) == 2
+    assert "--merge works with --report-only only" in capsys.readouterr().err
+
+
 def test_median_counts_misses_as_larger_than_any_value():
     assert report.median_and_range([None, None, 30])["median"] is None
     assert report.median_and_range([40, None, 30, 20]) == {"median": 35.0, "min": 20, "max": 40, "reached": 3,
