@@ -129,18 +129,23 @@ def _trial_summary(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cell(records: Sequence[Mapping[str, Any]], batch: int, targets: Sequence[float]) -> dict[str, Any]:
+def _cell(
+    records: Sequence[Mapping[str, Any]], batch: int, targets: Sequence[float], trials: int | None
+) -> dict[str, Any]:
     by_phase: dict[str, list[Mapping[str, Any]]] = {"tune": [], "seed": [], "epochs": []}
     for record in records:
         by_phase.setdefault(record["plan"]["study"]["phase"], []).append(record)
     for phase in by_phase.values():
         phase.sort(key=lambda r: (r["plan"]["study"]["trial"], r["plan"]["seed"]))
+    trials_expected = trials
     trials = [_trial_summary(r) for r in by_phase["tune"]]
     primary = target_key(targets[0])
-    cell: dict[str, Any] = {"batch": batch, "trials": trials, "best_trial": None, "best": None, "steps": {},
+    complete = trials_expected is None or len(trials) >= trials_expected
+    cell: dict[str, Any] = {"batch": batch, "trials": trials, "tuned": complete, "best_trial": None, "best": None,
+                            "steps": {},
                             "examples": {}, "b_simple": None, "fixed_epochs": None,
                             "seconds": sum(float(r["result"]["seconds"]) for r in records)}
-    if trials:
+    if trials and complete:
         ranked = [{"steps_to_target": t["steps_to_target"].get(primary),
                    "best_accuracy": t["best_validation_accuracy"]} for t in trials]
         best = trials[best_trial(ranked)]
@@ -166,8 +171,13 @@ def _cell(records: Sequence[Mapping[str, Any]], batch: int, targets: Sequence[fl
     return cell
 
 
-def analyse(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def analyse(records: Iterable[Mapping[str, Any]], trials: int | None = None) -> dict[str, Any]:
     """The study's numbers from the stored runs: per framework, method and batch, and the fits.
+
+    Args:
+        records: the stored runs (``ResultsStore.records``).
+        trials: tuning trials per cell (the study's ``search.trials``); a cell with fewer
+            finished trials is reported as not tuned yet (no best trial, no steps, not fitted).
 
     Returns:
         ``{framework: {"targets": [...], "methods": {method: {"cells": {batch: cell},
@@ -185,7 +195,7 @@ def analyse(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             cells = {}
             for batch in sorted({r["plan"]["global_batch"] for r in mine if r["plan"]["method"] == method}):
                 cell_runs = [r for r in mine if r["plan"]["method"] == method and r["plan"]["global_batch"] == batch]
-                cells[str(batch)] = _cell(cell_runs, batch, targets)
+                cells[str(batch)] = _cell(cell_runs, batch, targets, trials)
             fits = {}
             for target in targets:
                 key = target_key(target)
@@ -258,6 +268,14 @@ def _steps_text(spread: Mapping[str, Any] | None) -> str:
     return f"{spread['median']:g}{span} ({spread['reached']}/{spread['runs']})"
 
 
+def _cell_steps_text(cell: Mapping[str, Any] | None, key: str) -> str:
+    if cell is None:
+        return ""
+    if not cell["tuned"]:
+        return f"(tuning: {len(cell['trials'])} trial(s) done)"
+    return _steps_text(cell["steps"].get(key))
+
+
 def _number(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}g}"
 
@@ -279,7 +297,7 @@ def format_table(analysis: Mapping[str, Any], commands: Sequence[str] = ()) -> s
             lines += [f"## {framework}: steps to {float(key) * 100:g}% validation accuracy", "",
                       "Median over the best tuning trial and its repeats [min-max of those that reached it] "
                       "(runs that reached it / runs).", ""]
-            rows = [[method] + [_steps_text(m["cells"].get(str(b), {}).get("steps", {}).get(key)) for b in batches]
+            rows = [[method] + [_cell_steps_text(m["cells"].get(str(b)), key) for b in batches]
                     for method, m in methods.items()]
             lines += _markdown_table(["method"] + [f"B={b}" for b in batches], rows) + [""]
             lines += [f"### {framework}: critical batch for {float(key) * 100:g}% (fit of S = S_min (1 + B_crit/B) "
@@ -317,7 +335,7 @@ def format_table(analysis: Mapping[str, Any], commands: Sequence[str] = ()) -> s
         for method, m in methods.items():
             for b in batches:
                 c = m["cells"].get(str(b))
-                if not c or not c["trials"]:
+                if not c or not c["trials"] or not c["tuned"]:
                     continue
                 tried = "; ".join(
                     f"{t['peak_lr']:.3g}/{t['horizon']}/{t['warmup_steps']} -> "
@@ -380,14 +398,17 @@ def write_plot(analysis: Mapping[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def write_noise_plot(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+def write_noise_plot(
+    records: Iterable[Mapping[str, Any]], path: str | os.PathLike, trials: int | None = None
+) -> None:
     """``B_simple`` against step, one panel per framework and method, one line per batch (best runs, seed 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    analysis = analyse(records)
+    records = list(records)
+    analysis = analyse(records, trials)
     chosen: dict[tuple[str, str], list[tuple[int, list]]] = {}
     for record in _study_records(records):
         plan = record["plan"]
@@ -424,14 +445,15 @@ def write_reports(store: ResultsStore) -> str:
     """Writes every report of ``store``'s directory; returns the Markdown table."""
     out = Path(store.out_dir)
     records = store.records
-    analysis = analyse(records)
+    trials = (store.settings or {}).get("search", {}).get("trials")
+    analysis = analyse(records, trials)
     write_json_atomically(out / SUMMARY_FILE, _finite(analysis))
     write_csv(records, out / CSV_FILE)
     text = format_table(analysis, store.commands)
     (out / TABLE_FILE).write_text(text)
     if analysis:
         write_plot(analysis, out / PLOT_FILE)
-        write_noise_plot(records, out / NOISE_PLOT_FILE)
+        write_noise_plot(records, out / NOISE_PLOT_FILE, trials)
     return text
 
 
