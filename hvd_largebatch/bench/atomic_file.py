@@ -1,8 +1,8 @@
 """Writes a file all at once: through a temporary file in the same directory and ``os.replace``.
 
-A reader (or a resumed sweep) sees either the old file or the new one, never
+A reader (or a resumed study) sees either the old file or the new one, never
 half of one; an interrupted write leaves no temporary file behind. Used for
-the sweep's ``results.json`` and job files and for the MNIST-1D cache.
+the study's ``results.json`` and job files and for the MNIST-1D cache.
 
 Example::
 

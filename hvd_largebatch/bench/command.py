@@ -185,9 +185,9 @@ def run(args: argparse.Namespace) -> int:
 
     echo = print_line
     if launch.inside_horovodrun():
-        return launch.run_sweep_inside_horovodrun(args.framework, build, args.out, command_text=command_text, echo=echo)
+        return launch.run_study_inside_horovodrun(args.framework, build, args.out, command_text=command_text, echo=echo)
     methods, batch_sizes, settings = build(args.workers if args.workers is not None else plan.DEFAULT_WORKERS)
-    return launch.launch_sweep(
+    return launch.launch_study(
         args.framework, methods, batch_sizes, settings, args.out, backend=args.backend, command_text=command_text,
         echo=echo,
     )

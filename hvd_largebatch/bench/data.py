@@ -1,4 +1,4 @@
-"""MNIST-1D for the batch-size sweep: generation, on-disk cache, and rank sharding.
+"""MNIST-1D for the batch-size study: generation, on-disk cache, and rank sharding.
 
 MNIST-1D (Greydanus 2020) is a procedurally generated 1-D analogue of MNIST:
 ten 12-point digit templates padded, scaled, translated, sheared and noised

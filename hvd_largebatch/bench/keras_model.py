@@ -1,4 +1,4 @@
-"""The small 1-D CNN with BatchNorm used by the batch-size sweep and the examples (Keras 3).
+"""The small 1-D CNN with BatchNorm used by the batch-size study and the examples (Keras 3).
 
 The architecture, BatchNorm settings and initialisation law are written down in
 :mod:`hvd_largebatch.bench.model_spec`; the PyTorch twin is

@@ -47,9 +47,9 @@ __all__ = [
     "BACKENDS",
     "inside_horovodrun",
     "horovodrun_command",
-    "launch_sweep",
+    "launch_study",
     "lost_gloo_connection",
-    "run_sweep_inside_horovodrun",
+    "run_study_inside_horovodrun",
     "failure_message",
 ]
 
@@ -201,7 +201,7 @@ def lost_gloo_connection(lines: Iterable[str]) -> bool:
     return "gloo::IoException" in text and "Connection refused" in text
 
 
-def launch_sweep(
+def launch_study(
     framework: str,
     methods: Sequence[str],
     batch_sizes: Sequence[int],
@@ -261,7 +261,7 @@ def launch_sweep(
 
 
 def _quiet(line: str) -> None:
-    """An echo that drops the line (the second attempt does not repeat the sweep's header)."""
+    """An echo that drops the line (the second attempt does not repeat the study's header)."""
 
 
 def _write_reports_quietly(out_dir: Path) -> None:
@@ -270,7 +270,7 @@ def _write_reports_quietly(out_dir: Path) -> None:
         report.write_reports(store)
 
 
-def run_sweep_inside_horovodrun(
+def run_study_inside_horovodrun(
     framework: str,
     build: Callable[[int], tuple[list[str], list[int], StudySettings]],
     out_dir: str | os.PathLike,
@@ -278,7 +278,7 @@ def run_sweep_inside_horovodrun(
     command_text: str = "",
     echo: Echo = print,
 ) -> int:
-    """Runs the sweep in the current ``horovodrun`` launch (every rank calls this).
+    """Runs the study in the current ``horovodrun`` launch (every rank calls this).
 
     Args:
         framework: ``"torch"`` or ``"keras"``.

@@ -1,4 +1,4 @@
-"""The training recipes compared by the batch-size sweep, with every hyperparameter written down.
+"""The training recipes compared by the batch-size study, with every hyperparameter written down.
 
 Each method of ``hvd-largebatch bench`` trains the same model on the same data
 for the same number of epochs; only the recipe changes. A :class:`Recipe`
@@ -25,7 +25,7 @@ lamb       LAMB             sqrt         gradual warmup, poly(2) decay to 0
 conadv     ConAdv + LARS    sqrt         as lars (mean of clean and adversarial loss)
 =========  ===============  ===========  ==============================================
 
-The batch-size study (:mod:`hvd_largebatch.study`) tunes, per method and
+The batch-size study (:mod:`hvd_largebatch.bench.study`) tunes, per method and
 batch, the peak LR (as a multiple of the scaled base LR), the decay horizon
 (the schedule's total steps) and, for the methods that warm up, the warmup
 length (a fraction of the horizon); :func:`plan_cell` takes those three.
@@ -126,7 +126,7 @@ _SCHEDULE_KINDS = ("step", "poly")
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """One method of the sweep.
+    """One method of the study.
 
     Attributes:
         method: the method's name in tables and on the command line.
@@ -245,7 +245,7 @@ def recipe_for(method: str, base_lr: float | None = None) -> Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class CellPlan:
-    """One resolved training run of the sweep: everything a runner needs and a report prints.
+    """One resolved training run of the study: everything a runner needs and a report prints.
 
     Attributes:
         framework: ``"torch"`` or ``"keras"``.
