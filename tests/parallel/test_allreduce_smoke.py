@@ -20,4 +20,4 @@ def test_allreduce_returns_the_average_on_every_rank(backend, framework):
     for rank, result in enumerate(results):
         assert (result["rank"], result["size"]) == (rank, size)
         assert result["average"] == pytest.approx(expected, rel=1e-12)
-        assert result["mpi_built"] and result["gloo_built"]
+        assert (result["mpi_built"], result["gloo_built"]) == (True, True)

@@ -41,14 +41,15 @@ def results(request, tmp_path_factory):
 
 
 def test_ranks_and_size(results):
-    assert [(r["rank"], r["size"]) for r in results] == [(0, 2), (1, 2)]
+    assert [(r["rank"], r["size"]) for r in results] == [(rank, len(results)) for rank in range(len(results))]
 
 
 @pytest.mark.parametrize("name", FITS)
 def test_fit_gives_identical_ranks_equal_to_one_process_on_the_concatenated_batches(results, name):
-    first, second = (r[f"fit/{name}"] for r in results)
-    assert first["digest"] == second["digest"], "weights or optimizer state differ between ranks"
-    for result in (first, second):
+    per_rank = [r[f"fit/{name}"] for r in results]
+    assert [r["max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results), "weights or optimizer state differ from rank 0's"
+    assert [r["checksum"] for r in per_rank] == [per_rank[0]["checksum"]] * len(results)
+    for result in per_rank:
         assert result["vs_single_process"] <= SINGLE_PROCESS_TOLERANCE, result
         assert result["optimizer_vs_single_process"] <= SINGLE_PROCESS_TOLERANCE, result
         assert result["moved"] > 0.1  # training really changed the weights
@@ -81,12 +82,12 @@ def test_metric_average_callback_makes_logged_metrics_equal_across_ranks(results
 
 
 def test_broadcast_sends_rank_0_weights_statistics_and_optimizer_state(results):
-    first, second = (r["broadcast"] for r in results)
-    assert first["before"] != second["before"]
-    assert first["at_first_batch"] == second["at_first_batch"] == first["before"]
-    assert first["after_training"] == second["after_training"]
+    per_rank = [r["broadcast"] for r in results]
+    assert per_rank[1]["before"] != per_rank[0]["before"]  # rank-dependent weights, slots and LR before fit
+    assert [r["at_first_batch"] for r in per_rank] == [per_rank[0]["before"]] * len(results)
+    assert [r["after_training_max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results)
     # BatchNorm moving statistics are local to each rank once training runs (Horovod does not average them).
-    assert first["batchnorm_statistics_after"] != second["batchnorm_statistics_after"]
+    assert per_rank[1]["batchnorm_statistics_max_abs_vs_rank0"] > 0, per_rank
 
 
 def test_jit_compile_true_is_refused_clearly(results):
@@ -98,8 +99,8 @@ def test_jit_compile_true_is_refused_clearly(results):
 
 
 def test_rank_0_checkpoint_resumes_exactly_on_every_rank(results):
-    first, second = (r["resume"] for r in results)
-    assert first["loaded_type"] == second["loaded_type"] == "DistributedOptimizer(LARS)"
-    assert first["digest"] == second["digest"]
-    for result in (first, second):
+    per_rank = [r["resume"] for r in results]
+    assert [r["loaded_type"] for r in per_rank] == ["DistributedOptimizer(LARS)"] * len(results)
+    assert [r["max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results)
+    for result in per_rank:
         assert result["vs_uninterrupted"] <= 1e-14

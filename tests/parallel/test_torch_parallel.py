@@ -26,25 +26,26 @@ def results(request, tmp_path_factory):
 
 
 def test_ranks_and_size(results):
-    assert [(r["rank"], r["size"]) for r in results] == [(0, 2), (1, 2)]
+    assert [(r["rank"], r["size"]) for r in results] == [(rank, len(results)) for rank in range(len(results))]
 
 
 @pytest.mark.parametrize("key", [f"average/{n}" for n in NAMES] + [f"accumulate2/{n}" for n in ("lars", "clars", "lamb")])
 def test_ranks_identical_and_equal_to_one_process_on_the_concatenated_batch(results, key):
-    first, second = (r[key] for r in results)
-    assert first["digest"] == second["digest"], "weights or optimizer state differ between ranks"
-    for result in (first, second):
+    per_rank = [r[key] for r in results]
+    assert [r["max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results), "weights or optimizer state differ from rank 0's"
+    assert [r["checksum"] for r in per_rank] == [per_rank[0]["checksum"]] * len(results)
+    for result in per_rank:
         assert result["vs_single_process"] <= SINGLE_PROCESS_TOLERANCE, result
-        assert result["moved"] > 1e-4  # training really changed the weights
-        assert result["lr"] == result["single_lr"]
-        assert result["skipped"] == 0
+        assert result["moved"] > 1e-4, result  # training really changed the weights
+        assert result["lr"] == result["single_lr"], result
+        assert result["skipped"] == 0, result
 
 
 def test_batchnorm_model_keeps_parameters_and_state_identical(results):
-    first, second = (r["bn_model"] for r in results)
-    assert first["params_and_state_digest"] == second["params_and_state_digest"]
-    # BatchNorm running statistics are local (Horovod does not synchronise them)
-    assert first["buffers_digest"] != second["buffers_digest"]
+    per_rank = [r["bn_model"] for r in results]
+    assert [r["params_and_state_max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results)
+    # BatchNorm running statistics are local (Horovod does not synchronise them): every other rank differs
+    assert [r["buffers_max_abs_vs_rank0"] > 0 for r in per_rank[1:]] == [True] * (len(results) - 1), per_rank
 
 
 def test_clars_exact_equals_microbatch_with_k_equal_to_batch_and_is_averaged(results):
@@ -52,7 +53,7 @@ def test_clars_exact_equals_microbatch_with_k_equal_to_batch_and_is_averaged(res
         assert result["clars_exact_vs_microbatch"] <= 1e-10
     assert results[0]["clars_exact"] == results[1]["clars_exact"]  # the global mean, same on both
     for name, value in results[0]["clars_exact"].items():
-        local_mean = (results[0]["clars_local"][name] + results[1]["clars_local"][name]) / 2
+        local_mean = sum(r["clars_local"][name] for r in results) / len(results)
         assert value == pytest.approx(local_mean, rel=1e-12)
     assert results[0]["clars_local"] != results[1]["clars_local"]
 
@@ -60,8 +61,11 @@ def test_clars_exact_equals_microbatch_with_k_equal_to_batch_and_is_averaged(res
 def test_distributed_optimizer_keeps_hyperparameters_and_switches(results):
     for result in results:
         settings = result["settings"]
-        assert settings["groups_kept"] and settings["switches_kept"]
-        assert settings["is_clars"] and settings["horovod_keeps_adapt_mask"]
+        assert settings["groups_after"] == settings["groups_before"]
+        assert settings["switches_after"] == settings["switches_before"]
+        for mro in settings["classes"]:  # ours and Horovod's own wrapper
+            assert "CLARS" in mro, mro
+        assert settings["horovod_adapt_after"] == settings["horovod_adapt_before"] == [False, True, True, True, True, True]
         assert settings["horovod_backward_passes"] == 2
 
 
@@ -69,27 +73,25 @@ def test_distributed_optimizer_keeps_hyperparameters_and_switches(results):
 @pytest.mark.parametrize("fresh", [0, 1], ids=["root-trained", "root-fresh"])
 def test_broadcast_state_gives_every_rank_exactly_the_roots_weights_and_state(results, root, fresh):
     key = f"broadcast/root{root}/fresh{fresh}"
-    for rank, result in enumerate(results):
-        check = result[key]
-        assert check["after_equals_root_before"]
-        assert check["skipped_steps"] == root  # the root's skip count
-        if rank == root:
-            assert check["root_unchanged"]
-        if fresh:
-            assert check["state_entries"] > 0  # after the synchronised step
-    assert results[0][key]["after_step_digest"] == results[1][key]["after_step_digest"]
+    per_rank = [r[key] for r in results]
+    assert [c["weights_max_abs_vs_root_before"] for c in per_rank] == [0.0] * len(results)
+    root_before = per_rank[root]["root_state_checksum_before"]
+    assert [c["state_checksum_after"] for c in per_rank] == [root_before] * len(results)
+    assert [c["skipped_steps"] for c in per_rank] == [root] * len(results)  # the root's skip count (it was its rank)
+    if fresh:
+        assert all(c["state_entries"] > 0 for c in per_rank), per_rank  # after the synchronised step
+    assert [c["after_step_max_abs_vs_rank0"] for c in per_rank] == [0.0] * len(results)
 
 
 def test_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(results):
-    for result in results:
-        assert result["nonfinite_unchanged"]
-        assert result["nonfinite_skipped"] == 1
-        assert result["nonfinite_weights_finite"]
+    assert [r["nonfinite_max_abs_change"] for r in results] == [0.0] * len(results)
+    assert [r["nonfinite_skipped"] for r in results] == [1] * len(results)
+    assert [r["nonfinite_weight_count"] for r in results] == [0] * len(results)
 
 
 def test_checkpoint_written_by_rank0_resumes_exactly_on_every_rank(results):
-    assert [r["checkpoint_wrote"] for r in results] == [True, False]
+    assert [r["checkpoint_wrote"] for r in results] == [rank == 0 for rank in range(len(results))]
     for result in results:
         assert result["checkpoint_info"] == {"step": 4, "extra": {"epoch": 2}}
-        assert result["checkpoint_resume_exact"]
+        assert result["checkpoint_max_abs_vs_uninterrupted"] == 0.0
         assert result["checkpoint_lr"][0] == result["checkpoint_lr"][1]

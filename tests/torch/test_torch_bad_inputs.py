@@ -19,6 +19,8 @@ from hvd_largebatch.torch_impl import (
     save_checkpoint,
     load_checkpoint,
 )
+from optimizer_cases import BAD_HYPERPARAMETERS
+from torch_adapter import torch_kwargs, torch_message
 
 
 def _named():
@@ -154,3 +156,13 @@ def test_clars_step_without_norms_says_what_to_call():
     model(torch.randn(4, 3)).sum().backward()
     with pytest.raises(RuntimeError, match="add_grad_norms"):
         opt.step()
+
+
+@pytest.mark.parametrize("bad", BAD_HYPERPARAMETERS, ids=[b.id for b in BAD_HYPERPARAMETERS])
+def test_shared_bad_hyperparameters_raise_the_core_error_in_torch_spelling(bad):
+    """The shared table (core spelling): create_optimizer raises the core's exception type and message."""
+    core = bad.core_error()
+    with pytest.raises(type(core)) as ours:
+        create_optimizer(bad.name, _named(), **torch_kwargs(bad.hyper, bad.name))
+    assert type(ours.value) is type(core)
+    assert str(ours.value) == torch_message(str(core))

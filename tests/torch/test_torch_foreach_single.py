@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from hvd_largebatch.torch_impl import lamb_update, momentum_update, tensor_lists
-from torch_optimizer_cases import CASES, STEPS, TENSORS, initial_weights, make_torch, state_snapshot, torch_step
+from optimizer_cases import CASE_IDS, CASES, STEPS, TENSORS, initial_weights
+from torch_adapter import make_torch, state_snapshot, torch_step
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_foreach_equals_single_tensor(case, monkeypatch):
     monkeypatch.setattr(tensor_lists, "CPU_CHUNK_NUMEL", 50)  # several chunks per bucket
     weights = initial_weights(case)

@@ -12,18 +12,10 @@ import torch
 
 from hvd_largebatch import config, reference
 from hvd_largebatch.torch_impl import CLARS, LAMB, LARS, SGD, create_optimizer
-from torch_optimizer_cases import (
-    CASES,
-    TENSORS,
-    clars_norms,
-    gradients,
-    initial_weights,
-    make_torch,
-    state_snapshot,
-    torch_step,
-)
+from optimizer_cases import CASE_IDS, CASES, TENSORS, case_named, clars_norms, gradients, initial_weights, one_case_per_optimizer
+from torch_adapter import make_torch, state_snapshot, torch_step
 
-ONE_PER_OPTIMIZER = [c for c in CASES if c.variant == "changing-lr"]
+ONE_PER_OPTIMIZER = one_case_per_optimizer("changing-lr")
 
 
 def _assert_same_state(a, b):
@@ -36,7 +28,7 @@ def _assert_same_state(a, b):
             assert sa[key] == sb[key], key
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_restored_copy_stepped_in_lockstep_stays_equal(case):
     weights = initial_weights(case)
     params, opt = make_torch(case, weights)
@@ -94,7 +86,7 @@ def test_nonfinite_gradient_skips_the_step_and_counts(case, bad):
 
 @pytest.mark.parametrize("name", config.OPTIMIZER_NAMES)
 def test_nonfinite_on_first_step_creates_no_state_and_raise_policy_raises(name):
-    case = next(c for c in CASES if c.name == name and c.variant == "plain")
+    case = case_named(f"{name}-plain")
     params, opt = make_torch(case, initial_weights(case))
     grads = gradients(0)
     grads["conv1.weight"] = np.full_like(grads["conv1.weight"], np.nan)
@@ -108,7 +100,7 @@ def test_nonfinite_on_first_step_creates_no_state_and_raise_policy_raises(name):
 
 
 def test_clars_nonfinite_per_example_norm_skips():
-    case = next(c for c in CASES if c.id == "clars-plain")
+    case = case_named("clars-plain")
     params, opt = make_torch(case, initial_weights(case))
     before = {n: p.detach().clone() for n, p in params.items()}
     for name, p in params.items():
