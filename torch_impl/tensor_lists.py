@@ -67,11 +67,18 @@ def tensor_norms(tensors: Sequence[torch.Tensor], foreach: bool = True) -> list[
 
     With ``foreach``, one ``torch._foreach_norm`` per device/dtype bucket (a
     single read of every tensor); otherwise ``torch.linalg.vector_norm`` per tensor.
+    The norm of a float16/bfloat16 tensor is accumulated and returned in
+    float32, so a finite gradient's norm does not overflow float16 (65504).
     """
     if not foreach:
-        return [torch.linalg.vector_norm(t) for t in tensors]
+        return [torch.linalg.vector_norm(t, dtype=_norm_dtype(t.dtype)) for t in tensors]
     norms: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     for bucket in group_by_device_and_dtype(tensors):
-        for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket])):
+        dtype = _norm_dtype(tensors[bucket[0]].dtype)
+        for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket], 2, dtype=dtype)):
             norms[i] = norm
     return norms
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
