@@ -215,11 +215,13 @@ def _fp32_run(name: str, lrs: list[float], scaler: torch.amp.GradScaler | None, 
     """Trains the fp32 MLP with a per-step LR; ``poison`` makes the loss Inf (the scaler skips), ``omit`` leaves a step out."""
     model = _mlp(torch.float32)
     opt = create_optimizer(name, model.named_parameters(), lr=lrs[0], **TRAIN_KWARGS.get(name, {}))
-    x, y = _classification_data()
+    data_x, data_y = _classification_data()
     loss_fn = _loss
     for step, lr in enumerate(lrs):
         if step == omit:
             continue
+        rows = torch.arange(32 * step, 32 * step + 64) % len(data_x)  # a batch of its own per step
+        x, y = data_x[rows], data_y[rows]
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad()
