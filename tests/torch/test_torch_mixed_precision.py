@@ -283,3 +283,50 @@ def test_autocast_bfloat16_with_grad_scaler_trains_every_optimizer(name):
     assert after < 0.7 * before, (before, after)
     for p in model.parameters():
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
+
+
+# --------------------------------------------------------------------------- GPU only (skipped without CUDA)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: float16 autocast and GradScaler on CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_autocast_float16_with_grad_scaler_trains_every_optimizer(name):
+    device = torch.device("cuda")
+    model = _mlp(torch.float32).to(device)
+    opt = create_optimizer(name, model.named_parameters(), lr=TRAIN_LR[name], **TRAIN_KWARGS.get(name, {}))
+    scaler = torch.amp.GradScaler("cuda")
+    x, y = (t.to(device) for t in _classification_data())
+    before = _loss(model(x), y).item()
+    for _ in range(30):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = _loss(model(x), y)
+        scaler.scale(loss).backward()
+        if name == "clars":
+            opt.add_grad_norms(model, _loss, x, y)
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    assert _loss(model(x), y).item() < 0.7 * before
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: half parameters on CUDA")
+@pytest.mark.parametrize("dtype", list(HALF), ids=list(HALF))
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_half_params_foreach_equals_single_tensor(name, dtype):
+    dtype = HALF[dtype]
+    runs = []
+    for foreach in (True, False):
+        model = _mlp(dtype).cuda()
+        opt = create_optimizer(name, model.named_parameters(), lr=TRAIN_LR[name], foreach=foreach,
+                               **TRAIN_KWARGS.get(name, {}))
+        x, y = (t.cuda() for t in _classification_data())
+        for _ in range(10):
+            opt.zero_grad()
+            _loss(model(x.to(dtype)), y).backward()
+            if name == "clars":
+                opt.add_grad_norms(model, _loss, x.to(dtype), y)
+            opt.step()
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters()):
+        spacing = _spacing(b.detach().double().cpu().numpy(), dtype)
+        assert (np.abs(a.detach().double().cpu().numpy() - b.detach().double().cpu().numpy()) / spacing).max() <= 1.0
