@@ -23,6 +23,9 @@ __all__ = ["CPU_CHUNK_NUMEL", "group_by_device_and_dtype", "cache_sized_chunks",
 #: list, so parameters, gradients, state and one temporary fit in L3 together.
 CPU_CHUNK_NUMEL = 2**19
 
+#: The norms of half-precision tensors are accumulated in float32 (None: the tensor's own dtype).
+_HALF_NORM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
 
 def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """Positions of ``tensors`` bucketed by ``(device, dtype)``, in first-seen order, each in list order."""
@@ -71,14 +74,10 @@ def tensor_norms(tensors: Sequence[torch.Tensor], foreach: bool = True) -> list[
     float32, so a finite gradient's norm does not overflow float16 (65504).
     """
     if not foreach:
-        return [torch.linalg.vector_norm(t, dtype=_norm_dtype(t.dtype)) for t in tensors]
+        return [torch.linalg.vector_norm(t, dtype=_HALF_NORM_DTYPE.get(t.dtype)) for t in tensors]
     norms: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     for bucket in group_by_device_and_dtype(tensors):
-        dtype = _norm_dtype(tensors[bucket[0]].dtype)
+        dtype = _HALF_NORM_DTYPE.get(tensors[bucket[0]].dtype)
         for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket], 2, dtype=dtype)):
             norms[i] = norm
     return norms
-
-
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
