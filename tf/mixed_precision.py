@@ -92,8 +92,7 @@ class DistributedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             getattr(inner_optimizer, "inner_optimizer", None), keras.optimizers.LossScaleOptimizer
         ):
             raise ValueError("inner_optimizer already does loss scaling (a LossScaleOptimizer): pass the optimizer it wraps")
-        if isinstance(initial_scale, bool) or not isinstance(initial_scale, (int, float)) or not initial_scale > 0:
-            raise ValueError(f"initial_scale must be a number > 0, got {initial_scale!r}")
+        initial_scale = config.check_positive("initial_scale", initial_scale)
         dynamic_growth_steps = config.check_positive_int("dynamic_growth_steps", dynamic_growth_steps)
         if not isinstance(inner_optimizer, DistributedOptimizer):
             if find_distributed_optimizer(inner_optimizer) is not None:
@@ -105,7 +104,7 @@ class DistributedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         inner_optimizer._distributed_loss_scaling = True  # lets LossScaleOptimizer.__init__ reset its factor
         super().__init__(
             inner_optimizer,
-            initial_scale=float(initial_scale),
+            initial_scale=initial_scale,
             dynamic_growth_steps=dynamic_growth_steps,
             name=name or "distributed_loss_scale_optimizer",
             **kwargs,

@@ -75,9 +75,9 @@ def test_distributed_loss_scale_optimizer_is_kept_by_compile_and_round_trips(pol
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: DistributedLossScaleOptimizer(LARS(), initial_scale=0), r"initial_scale must be a number > 0, got 0"),
-        (lambda: DistributedLossScaleOptimizer(LARS(), initial_scale="big"), r"initial_scale must be a number > 0"),
-        (lambda: DistributedLossScaleOptimizer(LARS(), dynamic_growth_steps=0), r"dynamic_growth_steps"),
+        (lambda: DistributedLossScaleOptimizer(LARS(), initial_scale=0), r"initial_scale must be > 0, got 0"),
+        (lambda: DistributedLossScaleOptimizer(LARS(), initial_scale="big"), r"initial_scale must be a .*number"),
+        (lambda: DistributedLossScaleOptimizer(LARS(), dynamic_growth_steps=0), r"dynamic_growth_steps must be an integer >= 1, got 0"),
         (lambda: DistributedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer(LARS())),
          r"inner_optimizer already does loss scaling"),
         (lambda: DistributedLossScaleOptimizer("lars"), r"inner_optimizer must be a keras.optimizers.Optimizer"),
