@@ -6,7 +6,8 @@ Optimizers (``keras.optimizers.Optimizer`` subclasses, serialisable):
 :func:`create_optimizer`.
 
 Horovod glue (uses only ``horovod.tensorflow`` ops, imported when first
-needed): :class:`DistributedOptimizer`, the :mod:`~hvd_largebatch.tf.callbacks`
+needed): :class:`DistributedOptimizer` (and, for the ``mixed_float16``
+policy, :class:`DistributedLossScaleOptimizer` around it), the :mod:`~hvd_largebatch.tf.callbacks`
 module (broadcast, metric averaging, per-batch LR from a core schedule with
 momentum correction) and :class:`CLARSModel` (per-example gradient norms for
 CLARS under ``model.fit``). :class:`ScheduleAdapter` turns a core
@@ -37,6 +38,7 @@ from hvd_largebatch.tf.conadv import ConAdv
 from hvd_largebatch.tf.distributed import DistributedOptimizer
 from hvd_largebatch.tf.dual_bn import DualBatchNormalization, auxiliary_bn, convert_from_dual_bn, convert_to_dual_bn
 from hvd_largebatch.tf.lamb import LAMB
+from hvd_largebatch.tf.mixed_precision import DistributedLossScaleOptimizer
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS, LARS, SGD
 from hvd_largebatch.tf.optimizer_factory import create_optimizer
@@ -51,6 +53,7 @@ __all__ = [
     "LargeBatchOptimizer",
     "create_optimizer",
     "DistributedOptimizer",
+    "DistributedLossScaleOptimizer",
     "callbacks",
     "CLARSModel",
     "per_example_grad_norm_sums",

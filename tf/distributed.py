@@ -21,12 +21,21 @@ from keras import ops
 from hvd_largebatch import config
 from hvd_largebatch.tf import horovod_backend
 
-__all__ = ["DistributedOptimizer", "REDUCTION_OPS", "COMPRESSIONS", "innermost_optimizer"]
+__all__ = ["DistributedOptimizer", "REDUCTION_OPS", "COMPRESSIONS", "MIXED_FLOAT16_MESSAGE", "innermost_optimizer"]
 
 #: Reductions of the gradients across ranks (Horovod's Average, Sum, Adasum).
 REDUCTION_OPS = ("average", "sum", "adasum")
 #: Wire formats of the allreduce: none, or float16 (Horovod's Compression.fp16).
 COMPRESSIONS = ("none", "fp16")
+#: Why keras.optimizers.LossScaleOptimizer around a DistributedOptimizer is refused, and what to write instead.
+MIXED_FLOAT16_MESSAGE = (
+    "keras.optimizers.LossScaleOptimizer cannot wrap hvd_largebatch.tf.DistributedOptimizer: it decides on each "
+    "rank's local gradients whether to skip the step, so a rank whose batch overflows skips the allreduce and the "
+    "other ranks wait for it forever. model.compile adds that wrapper under the 'mixed_float16' dtype policy. "
+    "Pass optimizer=hvd_largebatch.tf.DistributedLossScaleOptimizer(DistributedOptimizer(...)) to model.compile "
+    "instead: it averages the gradients first and takes the skip and loss-scale decision on the average, the same "
+    "on every rank"
+)
 
 
 def innermost_optimizer(optimizer: Any) -> Any:
@@ -74,6 +83,12 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     traced; on GPU machines, where ``"auto"`` may pick XLA, pass
     ``jit_compile=False``.
 
+    Under the ``mixed_float16`` policy, wrap it in
+    :class:`~hvd_largebatch.tf.DistributedLossScaleOptimizer`;
+    ``keras.optimizers.LossScaleOptimizer`` around it (which ``model.compile``
+    adds under that policy) is refused with a ``ValueError`` at compile time,
+    since its local skip decision would hang the allreduce.
+
     Args:
         optimizer: any ``keras.optimizers.Optimizer`` (Keras's SGD, Adam, ...,
             or this package's LARS, CLARS, LAMB, SGD).
@@ -117,6 +132,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.op = op
         self.compression = compression
         self.backward_passes_per_step = backward_passes_per_step
+        self._built_by_init = True
 
     # ----------------------------------------------------------- pass-through
     @property
@@ -152,8 +168,28 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self.local_passes = self.add_variable((), initializer="zeros", dtype="int", name="local_passes")
         super().build(var_list)
 
+    def __setattr__(self, name, value):
+        # keras.optimizers.Optimizer.__init__ writes loss_scale_factor = None; after our __init__ only a
+        # LossScaleOptimizer that wraps this one does (model.compile adds one under the mixed_float16 policy).
+        if (
+            name == "loss_scale_factor"
+            and self.__dict__.get("_built_by_init")
+            and not self.__dict__.get("_distributed_loss_scaling")
+        ):
+            raise ValueError(MIXED_FLOAT16_MESSAGE)
+        super().__setattr__(name, value)
+
     # ----------------------------------------------------------------- update
     def apply(self, grads, trainable_variables=None):
+        self.average_then_update(grads, trainable_variables, self.inner_optimizer.apply)
+
+    def average_then_update(self, grads, trainable_variables, update) -> None:
+        """Averages ``grads`` across ranks (after local accumulation), then calls ``update(averaged, variables)``.
+
+        :meth:`apply` passes the wrapped optimizer's ``apply``;
+        :class:`~hvd_largebatch.tf.DistributedLossScaleOptimizer` passes its
+        loss-scale decision, so that it is taken on the averaged gradients.
+        """
         horovod_backend.refuse_xla("hvd_largebatch.tf.DistributedOptimizer")
         hvd = horovod_backend.initialized_horovod()
         if trainable_variables is None:
@@ -174,7 +210,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         local = [ops.cast(tf.convert_to_tensor(grads[i]), trainable_variables[i].dtype) for i in present]
 
         if self.backward_passes_per_step == 1:
-            self.inner_optimizer.apply(self._allreduce(hvd, local), variables)
+            update(self._allreduce(hvd, local), variables)
             return
 
         k = self.backward_passes_per_step
@@ -183,7 +219,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
         def average_and_update():
             mean = [(acc + g) / ops.cast(k, g.dtype) for acc, g in zip(accumulators, local)]
-            self.inner_optimizer.apply(self._allreduce(hvd, mean), variables)
+            update(self._allreduce(hvd, mean), variables)
             for acc in accumulators:
                 acc.assign(ops.zeros_like(acc))
 

@@ -16,6 +16,10 @@ It holds what every rule shares and leaves the arithmetic to
   or Inf changes no weight and no slot and is counted in ``skipped_steps``.
   Under ``DistributedOptimizer`` the gradients are averaged before the
   optimizer sees them, so every rank takes the same decision;
+* float32 or float64 variables only: ``build`` refuses float16/bfloat16
+  variables (the pure half policies) with a ``ValueError`` naming the
+  ``mixed_float16``/``mixed_bfloat16`` policies, which keep variables, slots
+  and the update math in float32 (:mod:`hvd_largebatch.tf.mixed_precision`);
 * ``prev_learning_rate``, the LR of the last applied step, kept as an
   optimizer variable so that momentum correction survives save and load;
 * ``fused``: whether norms and the weight steps use TensorFlow's
@@ -40,6 +44,7 @@ from keras import ops
 
 from hvd_largebatch import config
 from hvd_largebatch.tf import fused_kernels, update_rules
+from hvd_largebatch.tf.mixed_precision import check_variable_dtypes
 
 __all__ = ["LargeBatchOptimizer", "KERAS_TO_CORE_NAMES", "tensor_path", "tensor_of"]
 
@@ -147,6 +152,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
                 f"{type(self).__name__} does not run under a tf.distribute strategy; "
                 "use hvd_largebatch.tf.DistributedOptimizer with Horovod instead"
             )
+        check_variable_dtypes(type(self).__name__, variables)
         super().build(variables)
         paths = [tensor_path(v) for v in variables]
         shapes = [tuple(v.shape) for v in variables]

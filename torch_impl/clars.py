@@ -42,7 +42,8 @@ class CLARS(MomentumOptimizer):
     Horovod (initialised, more than one process) ``step()`` averages the sums
     over all workers with one allreduce of ``(#tensors + 1)`` float64 values,
     so every rank must call ``add_grad_norms`` the same number of times.
-    Alternatively pass ready global means with :meth:`set_grad_norms`.
+    ``zero_grad()`` drops norms that no ``step()`` used (a step skipped by
+    ``torch.amp.GradScaler``). Alternatively pass ready global means with :meth:`set_grad_norms`.
 
     Cost: ``estimator="exact"`` costs about B single-example backward passes
     (vectorised with ``torch.func.vmap``) and ``chunk_size`` x the adapted
@@ -174,6 +175,17 @@ class CLARS(MomentumOptimizer):
                 raise ValueError(f"norms[{key!r}] must be a scalar, got shape {tuple(value.shape)}")
             given[param] = value
         self._given_norms = given
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the gradients and, with them, the per-example norms measured for them.
+
+        The pending sums belong to the gradients accumulated since the last
+        ``zero_grad()``. When ``step()`` is not called for them (a
+        ``torch.amp.GradScaler`` that found an Inf skips it), they must not
+        leak into the next step's ``s``.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        self._given_norms, self._pending_sums, self._pending_count = None, None, 0
 
     def _resolve_rate_norms(self, work: list[GroupWork]) -> None:
         adapted = self._adapted_params()

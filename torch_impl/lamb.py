@@ -9,6 +9,7 @@ import torch
 
 from hvd_largebatch import config
 from hvd_largebatch.torch_impl.lamb_functional import lamb_update
+from hvd_largebatch.torch_impl.mixed_precision import state_dtype
 from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, DECAY_MASK, GroupWork, LargeBatchOptimizer
 
 __all__ = ["LAMB"]
@@ -109,8 +110,8 @@ class LAMB(LargeBatchOptimizer):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(int(state["step"]) + 1)

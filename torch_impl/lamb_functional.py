@@ -19,6 +19,11 @@ leaves it optional), and ``eps`` sits outside the square root as in Adam.
 :func:`lamb_update` has a single-tensor path and a ``torch._foreach_*`` path
 (trust ratios of a chunk in one ``torch.where``, no ``.item()``); tests show
 them equal in float64.
+
+float16 and bfloat16 tensors are updated through float32 working copies
+with float32 moments (:mod:`hvd_largebatch.torch_impl.mixed_precision`):
+``g*g``, ``sqrt(nh)``, ``u``, both norms and ``r`` are float32 and the
+weight is rounded to its dtype once per step.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hvd_largebatch.torch_impl.mixed_precision import check_state_dtypes, float32_working_copies, write_back
 from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype
 
 __all__ = ["lamb_trust_ratios", "lamb_update"]
@@ -63,8 +69,9 @@ def lamb_update(
     Args:
         params: the tensors ``w``.
         grads: their gradients ``g`` (read only).
-        exp_avgs: first moments ``mu``.
-        exp_avg_sqs: second moments ``nu``.
+        exp_avgs: first moments ``mu`` (float32 for a float16/bfloat16 param,
+            else the param's dtype).
+        exp_avg_sqs: second moments ``nu`` (same dtype rule).
         steps: per tensor, the update count ``t`` of *this* update (>= 1).
         lr: ``gamma``.
         beta1, beta2: moment decay rates.
@@ -88,6 +95,16 @@ def lamb_update(
         raise ValueError("trust_ratios_out must have one slot per tensor")
     if count == 0:
         return
+    check_state_dtypes(params, exp_avgs, "exp_avgs")
+    check_state_dtypes(params, exp_avg_sqs, "exp_avg_sqs")
+    targets, params, grads = params, float32_working_copies(params), float32_working_copies(grads)
+    _lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, decay, adapt, foreach, trust_ratios_out, workspace,
+                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    write_back(targets, params)
+
+
+def _lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, decay, adapt, foreach, trust_ratios_out, workspace,
+                 *, lr, beta1, beta2, eps, weight_decay) -> None:
     # u = (mu / c1) / (sqrt(nu / c2) + eps) = k * u' with u' = mu / (sqrt(nu) + eps * sqrt(c2)) and
     # k = sqrt(c2) / c1 (c1, c2 the bias corrections). The paths compute u' + (beta / k) * w, whose norm is
     # ||u|| / k, and fold k into the trust ratio and the step: fewer passes over the tensors.

@@ -28,6 +28,11 @@ Both apply the velocity update as ``v = (m*c)*v + rate*g + (rate*beta)*w``,
 in place, so no temporary ``d`` is allocated (on a CPU an allocation per
 step costs more than the extra in-cache pass); the result differs from the
 oracle's ``rate*(g + beta*w)`` only by rounding.
+
+float16 and bfloat16 tensors are updated through float32 working copies
+with float32 velocities (:mod:`hvd_largebatch.torch_impl.mixed_precision`):
+the norms, rates and the velocity are float32 and the weight is rounded to
+its dtype once per step.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hvd_largebatch.torch_impl.mixed_precision import check_state_dtypes, float32_working_copies, write_back
 from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype, tensor_norms
 
 __all__ = ["lars_local_rates", "effective_rates", "momentum_update"]
@@ -105,7 +111,8 @@ def momentum_update(
     Args:
         params: the tensors ``w``, updated in place.
         grads: their gradients ``g`` (read only).
-        velocities: the velocities ``v``, updated in place.
+        velocities: the velocities ``v``, updated in place; float32 for a
+            float16/bfloat16 param, else the param's dtype.
         lr: the global rate ``gamma`` of this step.
         momentum: ``m``.
         weight_decay: ``beta``.
@@ -136,8 +143,18 @@ def momentum_update(
         raise ValueError("adapt must have one entry per tensor")
     if local_rates_out is not None and len(local_rates_out) != count:
         raise ValueError("local_rates_out must have one slot per tensor")
+    check_state_dtypes(params, velocities, "velocities")
+    targets, params, grads = params, float32_working_copies(params), float32_working_copies(grads)
     if adapt is not None and grad_norms is None:
         grad_norms = tensor_norms(grads, foreach)
+    _momentum_update(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms, local_rates_out,
+                     foreach, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                     trust_coefficient=trust_coefficient, eps=eps, clip=clip)
+    write_back(targets, params)
+
+
+def _momentum_update(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms, local_rates_out,
+                     foreach, *, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
     kwargs = dict(
         lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
         trust_coefficient=trust_coefficient, eps=eps, clip=clip,

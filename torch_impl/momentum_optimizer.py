@@ -5,7 +5,8 @@ learning rate) and ``prev_lr`` (the global LR of the last update applied to
 this tensor, None before the first). Momentum correction (Goyal et al. 2017,
 section 2.2) rescales ``v`` by ``lr / prev_lr`` when the LR changes; keeping
 ``prev_lr`` in the state makes it survive ``state_dict()`` /
-``load_state_dict()``, so a resumed run continues exactly.
+``load_state_dict()``, so a resumed run continues exactly. The velocity of a
+float16/bfloat16 parameter is float32 (``mixed_precision.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hvd_largebatch.torch_impl.mixed_precision import state_dtype
 from hvd_largebatch.torch_impl.momentum_functional import momentum_update
 from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, DECAY_MASK, GroupWork, LargeBatchOptimizer
 
@@ -29,7 +31,7 @@ class MomentumOptimizer(LargeBatchOptimizer):
         for p in work.params:
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
                 state["prev_lr"] = None
             velocities.append(state["momentum_buffer"])
             prev = state["prev_lr"]

@@ -20,6 +20,11 @@ from :class:`LargeBatchOptimizer`, which
   The check reads the gradient norms (one pass over the gradients that LARS
   needs anyway), so a finite gradient whose norm overflows the dtype is
   treated as non-finite too;
+* accepts float16/bfloat16 parameters: their gradient norms, the update
+  math and their state (velocity, Adam moments) are float32, the weight is
+  rounded to its dtype once per step (``mixed_precision.py``); a state dict
+  loaded into such an optimizer keeps that state float32 (torch's loader
+  would cast it to the parameter's dtype);
 * records the per-tensor trust ratios of the last step on request
   (:meth:`LargeBatchOptimizer.record_trust_ratios`), at no cost when off.
 
@@ -36,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 
 from hvd_largebatch import config
+from hvd_largebatch.torch_impl.mixed_precision import HALF_DTYPES, state_dtype
 from hvd_largebatch.torch_impl.tensor_lists import group_by_device_and_dtype, tensor_norms
 
 __all__ = ["LargeBatchOptimizer", "GroupWork"]
@@ -342,9 +348,27 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
         super().load_state_dict(state_dict)
+        self._restore_float32_state(state_dict)
         for group in self.param_groups:
             self._validate_group(group)
         self.skipped_steps = int(skipped)
+
+    def _restore_float32_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Re-reads the state of half-precision params from ``state_dict`` as float32.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state
+        to the parameter's dtype, which for a float16/bfloat16 parameter
+        would round (and can overflow or flush) the float32 velocity and moments.
+        """
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if param.dtype not in HALF_DTYPES or not saved:
+                continue
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, dtype=state_dtype(param), copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -23,6 +23,9 @@ __all__ = ["CPU_CHUNK_NUMEL", "group_by_device_and_dtype", "cache_sized_chunks",
 #: list, so parameters, gradients, state and one temporary fit in L3 together.
 CPU_CHUNK_NUMEL = 2**19
 
+#: The norms of half-precision tensors are accumulated in float32 (None: the tensor's own dtype).
+_HALF_NORM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
 
 def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """Positions of ``tensors`` bucketed by ``(device, dtype)``, in first-seen order, each in list order."""
@@ -67,11 +70,14 @@ def tensor_norms(tensors: Sequence[torch.Tensor], foreach: bool = True) -> list[
 
     With ``foreach``, one ``torch._foreach_norm`` per device/dtype bucket (a
     single read of every tensor); otherwise ``torch.linalg.vector_norm`` per tensor.
+    The norm of a float16/bfloat16 tensor is accumulated and returned in
+    float32, so a finite gradient's norm does not overflow float16 (65504).
     """
     if not foreach:
-        return [torch.linalg.vector_norm(t) for t in tensors]
+        return [torch.linalg.vector_norm(t, dtype=_HALF_NORM_DTYPE.get(t.dtype)) for t in tensors]
     norms: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     for bucket in group_by_device_and_dtype(tensors):
-        for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket])):
+        dtype = _HALF_NORM_DTYPE.get(tensors[bucket[0]].dtype)
+        for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket], 2, dtype=dtype)):
             norms[i] = norm
     return norms
