@@ -9,7 +9,8 @@ Horovod glue (uses only ``horovod.tensorflow`` ops, imported when first
 needed): :class:`DistributedOptimizer`, the :mod:`~hvd_largebatch.tf.callbacks`
 module (broadcast, metric averaging, per-batch LR from a core schedule with
 momentum correction) and :class:`CLARSModel` (per-example gradient norms for
-CLARS under ``model.fit``). :class:`ScheduleAdapter` turns a core
+CLARS under ``model.fit``). :class:`NoiseScaleMonitor` reports the gradient
+noise scale (critical batch) in the logs. :class:`ScheduleAdapter` turns a core
 :class:`hvd_largebatch.schedules.Schedule` into a Keras ``LearningRateSchedule``.
 ConAdv (Liu, You et al. 2022): :class:`ConAdv`, a model wrapper whose
 ``train_step`` trains on clean plus adversarial examples from stale weights,
@@ -39,6 +40,7 @@ from hvd_largebatch.tf.dual_bn import DualBatchNormalization, auxiliary_bn, conv
 from hvd_largebatch.tf.lamb import LAMB
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS, LARS, SGD
+from hvd_largebatch.tf.noise_scale import NoiseScaleMonitor
 from hvd_largebatch.tf.optimizer_factory import create_optimizer
 from hvd_largebatch.tf.per_example_norms import per_example_grad_norm_sums
 from hvd_largebatch.tf.schedule_adapter import ScheduleAdapter
@@ -51,6 +53,7 @@ __all__ = [
     "LargeBatchOptimizer",
     "create_optimizer",
     "DistributedOptimizer",
+    "NoiseScaleMonitor",
     "callbacks",
     "CLARSModel",
     "per_example_grad_norm_sums",
