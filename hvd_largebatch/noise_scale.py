@@ -74,9 +74,9 @@ UNSUPPORTED_OP = (
 )
 
 
-def check_interval(interval: Any) -> int:
-    """``interval`` (steps between measurements) as an int; raises ValueError unless it is an integer >= 1."""
-    return _config.check_positive_int("interval", interval)
+def check_interval(interval: Any, name: str = "interval") -> int:
+    """``interval`` (steps between measurements) as an int; raises ValueError naming ``name`` unless it is an integer >= 1."""
+    return _config.check_positive_int(name, interval)
 
 
 def check_batch_size(batch_size: Any) -> int:

@@ -115,7 +115,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         config.check_choice("compression", compression, COMPRESSIONS)
         backward_passes_per_step = config.check_positive_int("backward_passes_per_step", backward_passes_per_step)
         if noise_scale_interval is not None:
-            noise_scale_interval = noise_scale_core.check_interval(noise_scale_interval)
+            noise_scale_interval = noise_scale_core.check_interval(noise_scale_interval, "noise_scale_interval")
             if op == "adasum":
                 raise ValueError(noise_scale_core.UNSUPPORTED_OP.format(op=op))
         super().__init__(learning_rate=0.0, name=name or f"distributed_{optimizer.name}")
@@ -162,7 +162,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self.local_passes = self.add_variable((), initializer="zeros", dtype="int", name="local_passes")
         if self.noise_scale_interval is not None:
             n = len(var_list)
-            # |G_s|^2 and |G_B|^2 per variable at the last measurement, and which update that was.
+            # This rank's local |g|^2, |G_s|^2 and |G_B|^2 per variable at the last measurement, and its update.
+            self.noise_scale_local_sq = self.add_variable((n,), initializer="zeros", dtype="float64", name="noise_scale_local_sq")
             self.noise_scale_small_sq = self.add_variable((n,), initializer="zeros", dtype="float64", name="noise_scale_small_sq")
             self.noise_scale_big_sq = self.add_variable((n,), initializer="zeros", dtype="float64", name="noise_scale_big_sq")
             self.noise_scale_step = self.add_variable((), initializer="zeros", dtype="int64", name="noise_scale_step")
@@ -251,16 +252,16 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
         def measure():
             if size > 1:
-                small = hvd.allreduce(
-                    self._sq_norms(variables, local), op=hvd.Average, name="hvd_largebatch_noise_scale_local_sq_norm"
-                )
+                local_sq = self._sq_norms(variables, local)
+                small = hvd.allreduce(local_sq, op=hvd.Average, name="hvd_largebatch_noise_scale_local_sq_norm")
             else:
                 passes = self.backward_passes_per_step
-                small = (self.noise_scale_pass_sq + self._sq_norms(variables, last_pass)) / passes
+                small = local_sq = (self.noise_scale_pass_sq + self._sq_norms(variables, last_pass)) / passes
                 self.noise_scale_pass_sq.assign(tf.zeros_like(self.noise_scale_pass_sq))
             big = self._sq_norms(variables, averaged)
             if self.op == "sum":
                 big = big / float(size * size)
+            self.noise_scale_local_sq.assign(local_sq)
             self.noise_scale_small_sq.assign(small)
             self.noise_scale_big_sq.assign(big)
             self.noise_scale_step.assign(ops.cast(self.iterations, "int64"))

@@ -75,7 +75,9 @@ class NoiseScaleMonitor(keras.callbacks.Callback):
         self.interval: int | None = None
         self._optimizer: Any = None
         self._seen = 0
-        #: ``|G_s|^2`` and ``|G_B|^2`` entries (per variable) of the last measurement read.
+        #: This rank's ``|G_s|^2`` entries before the allreduce, and the ``|G_s|^2`` and ``|G_B|^2``
+        #: entries fed to the estimator, at the last measurement read (per variable with ``per_tensor``).
+        self.last_local_sq_norms: list[float] = []
         self.last_small_sq_norms: list[float] = []
         self.last_big_sq_norms: list[float] = []
 
@@ -110,8 +112,10 @@ class NoiseScaleMonitor(keras.callbacks.Callback):
             self._seen = count
             small = np.asarray(self._optimizer.noise_scale_small_sq.numpy(), dtype=np.float64)
             big = np.asarray(self._optimizer.noise_scale_big_sq.numpy(), dtype=np.float64)
+            local = np.asarray(self._optimizer.noise_scale_local_sq.numpy(), dtype=np.float64)
             if not self.per_tensor:
-                small, big = small.sum(keepdims=True), big.sum(keepdims=True)
+                small, big, local = small.sum(keepdims=True), big.sum(keepdims=True), local.sum(keepdims=True)
+            self.last_local_sq_norms = local.tolist()
             self.last_small_sq_norms, self.last_big_sq_norms = small.tolist(), big.tolist()
             self.estimator.update(small, big, step=int(self._optimizer.noise_scale_step.numpy()))
         if logs is not None:
