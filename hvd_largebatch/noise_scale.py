@@ -329,8 +329,9 @@ def advice(b_simple: float, global_batch: int, step: int | None = None) -> str:
     model = "(McCandlish et al.: steps ~ S_min*(1 + B_crit/B))"
     if not (isinstance(b_simple, (int, float, np.floating)) and math.isfinite(b_simple) and b_simple > 0):
         return (
-            f"B_simple not measurable yet{at}: the averaged estimate of |G|^2 or tr(Sigma) is not positive "
-            "(gradient noise dominates the two batch sizes); it becomes defined as more measurements are averaged."
+            f"B_simple not measurable yet{at} (your global batch {global_batch:,}): the averaged estimate of |G|^2 "
+            "or tr(Sigma) is not positive (gradient noise dominates the two batch sizes); it becomes defined as "
+            "more measurements are averaged."
         )
     ratio = global_batch / b_simple
     saved = _steps_saved_by_doubling(global_batch, b_simple)

@@ -17,8 +17,9 @@ It attaches to a Horovod ``DistributedOptimizer`` (this package's or a plain
 
 With one rank, Horovod does not allreduce at all; the micro-batches of
 gradient accumulation (``backward_passes_per_step >= 2``) are the small
-batches, and a hook records the squared norm of each pass's gradient before
-it is added to ``.grad``.
+batches: a tensor hook takes the squared norm of each pass's incoming
+gradient, counted when the post-accumulate hook confirms that it went into
+``.grad`` (so ``torch.autograd.grad`` calls on the side are not counted).
 
 Only every ``interval``-th step is measured; on the others the hooks return
 at once. The monitor only reads gradients: training is bit-identical with and
@@ -136,13 +137,15 @@ class NoiseScaleMonitor:
         self.last_big_sq_norms: list[float] = []
         self._measuring = True
         self._local_sq: list[torch.Tensor | None] = [None] * len(self._params)
+        self._pending: list[torch.Tensor | None] = [None] * len(self._params)
         self._passes_seen = [0] * len(self._params)
         self._handles = []
         for index, p in enumerate(self._params):
             if self.world_size > 1:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._make_accumulated_hook(index)))
-            else:
+            else:  # the incoming gradient of a pass, counted once it is accumulated into .grad
                 self._handles.append(p.register_hook(self._make_pass_hook(index)))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._make_pass_accumulated_hook(index)))
         self._original_synchronize = optimizer.synchronize
         optimizer.synchronize = self._synchronize
 
@@ -158,10 +161,20 @@ class NoiseScaleMonitor:
         return hook
 
     def _make_pass_hook(self, index: int):
+        # Tensor hooks also fire for torch.autograd.grad (which leaves .grad alone): the value waits
+        # here until the post-accumulate hook confirms that it went into .grad.
         def hook(grad: torch.Tensor) -> None:
-            if not self._measuring:
+            if self._measuring:
+                self._pending[index] = _sq_norm(grad.detach())
+
+        return hook
+
+    def _make_pass_accumulated_hook(self, index: int):
+        def hook(param: torch.Tensor) -> None:
+            value = self._pending[index]
+            if not self._measuring or value is None:
                 return
-            value = _sq_norm(grad.detach())
+            self._pending[index] = None
             previous = self._local_sq[index]
             self._local_sq[index] = value if previous is None else previous + value
 
@@ -208,6 +221,7 @@ class NoiseScaleMonitor:
         self.steps += 1
         self._measuring = self.steps % self.interval == 0
         self._local_sq = [None] * len(self._params)
+        self._pending = [None] * len(self._params)
         self._passes_seen = [0] * len(self._params)
 
     # ---------------------------------------------------------------- results
