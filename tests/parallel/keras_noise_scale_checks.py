@@ -105,7 +105,7 @@ def fit(monitored: bool, passes: int) -> dict[str, Any]:
     if monitor is not None:
         out.update(record.rows)
         out["history_b_simple"] = history.history["b_simple"]
-        out["b_simple"] = monitor.b_simple
+        out["final_b_simple"] = monitor.b_simple
         out["batches"] = [monitor.estimator.small_batch, monitor.estimator.big_batch]
         out["updates"] = monitor.estimator.updates
     return out
