@@ -162,16 +162,20 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self.local_passes = self.add_variable((), initializer="zeros", dtype="int", name="local_passes")
         if self.noise_scale_interval is not None:
             n = len(var_list)
+
+            def vector(name):
+                return self.add_variable((n,), initializer="zeros", dtype="float64", name=name)
+
             # This rank's local |g|^2, |G_s|^2 and |G_B|^2 per variable at the last measurement, and its update.
-            self.noise_scale_local_sq = self.add_variable((n,), initializer="zeros", dtype="float64", name="noise_scale_local_sq")
-            self.noise_scale_small_sq = self.add_variable((n,), initializer="zeros", dtype="float64", name="noise_scale_small_sq")
-            self.noise_scale_big_sq = self.add_variable((n,), initializer="zeros", dtype="float64", name="noise_scale_big_sq")
+            self.noise_scale_local_sq = vector("noise_scale_local_sq")
+            self.noise_scale_small_sq = vector("noise_scale_small_sq")
+            self.noise_scale_big_sq = vector("noise_scale_big_sq")
             self.noise_scale_step = self.add_variable((), initializer="zeros", dtype="int64", name="noise_scale_step")
             self.noise_scale_measurements = self.add_variable(
                 (), initializer="zeros", dtype="int64", name="noise_scale_measurements"
             )
             if self.backward_passes_per_step > 1:  # one rank: the sum of the passes' squared norms so far
-                self.noise_scale_pass_sq = self.add_variable((n,), initializer="zeros", dtype="float64", name="noise_scale_pass_sq")
+                self.noise_scale_pass_sq = vector("noise_scale_pass_sq")
         super().build(var_list)
 
     # ----------------------------------------------------------------- update
