@@ -8,10 +8,11 @@ It attaches to a Horovod ``DistributedOptimizer`` (this package's or a plain
   which PyTorch runs before Horovod's hook on the same gradient accumulator;
   with ``backward_passes_per_step`` passes, on the last pass, when the
   gradient holds the whole local sum);
-* when the optimizer synchronises, one allreduce of the local squared norm
-  (a scalar; one entry per tensor with ``per_tensor=True``), started before
-  and overlapping the gradients' allreduce, gives ``|G_s|^2``, the mean over
-  ranks; the averaged gradient then gives ``|G_B|^2``;
+* one allreduce of the local squared norm (a scalar; one entry per tensor
+  with ``per_tensor=True``), started right after the last local gradient is
+  recorded, together with the gradients' own allreduces, gives ``|G_s|^2``,
+  the mean over ranks; after the optimizer synchronises, the averaged
+  gradient gives ``|G_B|^2``;
 * the core :class:`hvd_largebatch.noise_scale.NoiseScaleEstimator` turns the
   two into ``G2``, ``S`` and ``B_simple = EMA(S) / EMA(G2)``.
 
@@ -139,6 +140,8 @@ class NoiseScaleMonitor:
         self._local_sq: list[torch.Tensor | None] = [None] * len(self._params)
         self._pending: list[torch.Tensor | None] = [None] * len(self._params)
         self._passes_seen = [0] * len(self._params)
+        self._recorded = 0
+        self._local_allreduce: tuple[torch.Tensor, Any] | None = None
         self._handles = []
         for index, p in enumerate(self._params):
             if self.world_size > 1:
@@ -157,6 +160,9 @@ class NoiseScaleMonitor:
             self._passes_seen[index] += 1
             if self._passes_seen[index] == self.passes:  # Horovod starts this gradient's allreduce right after
                 self._local_sq[index] = _sq_norm(param.grad.detach())
+                self._recorded += 1
+                if self._recorded == len(self._params):  # the last local gradient: send the norms with it
+                    self._start_local_allreduce()
 
         return hook
 
@@ -186,24 +192,11 @@ class NoiseScaleMonitor:
             self._original_synchronize()
             self._advance()
             return
+        if self._local_allreduce is None:
+            self._start_local_allreduce()
+        local_sq, handle = self._local_allreduce
         scale = 1.0 / self.passes**2
         device = self._params[0].device
-        local = []
-        for index, p in enumerate(self._params):
-            value = self._local_sq[index]
-            if value is None:  # no hook this step: Horovod has not sent this gradient yet, it is still local
-                value = torch.zeros((), dtype=torch.float64) if p.grad is None else _sq_norm(p.grad.detach())
-            local.append(value.to(device))
-        # one rank: the mean over the passes of each pass's squared norm; k ranks: the local sum of the passes
-        local_sq = torch.stack(local) / self.passes if self.world_size == 1 else torch.stack(local) * scale
-        if not self.per_tensor:
-            local_sq = local_sq.sum().reshape(1)
-        handle = None
-        if self.world_size > 1:
-            kwargs = {} if self._process_set is None else {"process_set": self._process_set}
-            handle = self._hvd.allreduce_async(
-                local_sq, op=self._hvd.Average, name="hvd_largebatch.noise_scale.local_sq_norm", **kwargs
-            )
         self._original_synchronize()
         zero = torch.zeros((), dtype=torch.float64, device=device)
         big = torch.stack([zero if p.grad is None else _sq_norm(p.grad.detach()).to(device) for p in self._params])
@@ -217,12 +210,35 @@ class NoiseScaleMonitor:
         self.estimator.update(self.last_small_sq_norms, self.last_big_sq_norms, step=self.steps)
         self._advance()
 
+    def _start_local_allreduce(self) -> None:
+        """This rank's ``|G_s|^2`` entries, and (``k > 1``) the start of their allreduce (average over ranks)."""
+        device = self._params[0].device
+        local = []
+        for index, p in enumerate(self._params):
+            value = self._local_sq[index]
+            if value is None:  # no hook this step: Horovod has not sent this gradient yet, it is still local
+                value = torch.zeros((), dtype=torch.float64) if p.grad is None else _sq_norm(p.grad.detach())
+            local.append(value.to(device))
+        # one rank: the mean over the passes of each pass's squared norm; k ranks: the local sum of the passes
+        local_sq = torch.stack(local) / self.passes if self.world_size == 1 else torch.stack(local) / self.passes**2
+        if not self.per_tensor:
+            local_sq = local_sq.sum().reshape(1)
+        handle = None
+        if self.world_size > 1:
+            kwargs = {} if self._process_set is None else {"process_set": self._process_set}
+            handle = self._hvd.allreduce_async(
+                local_sq, op=self._hvd.Average, name="hvd_largebatch.noise_scale.local_sq_norm", **kwargs
+            )
+        self._local_allreduce = (local_sq, handle)
+
     def _advance(self) -> None:
         self.steps += 1
         self._measuring = self.steps % self.interval == 0
         self._local_sq = [None] * len(self._params)
         self._pending = [None] * len(self._params)
         self._passes_seen = [0] * len(self._params)
+        self._recorded = 0
+        self._local_allreduce = None
 
     # ---------------------------------------------------------------- results
     @property
