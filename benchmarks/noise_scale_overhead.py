@@ -147,7 +147,8 @@ def keras_worker(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 def launch(framework: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     horovodrun = Path(sys.executable).with_name("horovodrun")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "HOROVOD_GLOO_TIMEOUT_SECONDS": "300"}  # a loaded machine can take long to start both ranks
     cmd = [str(horovodrun), "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo", sys.executable, __file__,
            "--worker", framework, "--batch", str(args.batch), "--steps", str(args.steps),
            "--rounds", str(args.rounds), "--threads", str(args.threads)]
