@@ -37,7 +37,11 @@ __all__ = ["PROG", "COMMAND_MODULES", "OneLineErrorParser", "build_parser", "mai
 PROG = "hvd-largebatch"
 
 #: Dotted names of the modules that each register one sub-command.
-COMMAND_MODULES: tuple[str, ...] = ("hvd_largebatch.schedule_command", "hvd_largebatch.bench.command")
+COMMAND_MODULES: tuple[str, ...] = (
+    "hvd_largebatch.schedule_command",
+    "hvd_largebatch.bench.command",
+    "hvd_largebatch.bench.noise_scale_command",
+)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -10,7 +10,8 @@ needed): :class:`DistributedOptimizer` (and, for the ``mixed_float16``
 policy, :class:`DistributedLossScaleOptimizer` around it), the :mod:`~hvd_largebatch.tf.callbacks`
 module (broadcast, metric averaging, per-batch LR from a core schedule with
 momentum correction) and :class:`CLARSModel` (per-example gradient norms for
-CLARS under ``model.fit``). :class:`ScheduleAdapter` turns a core
+CLARS under ``model.fit``). :class:`NoiseScaleMonitor` reports the gradient
+noise scale (critical batch) in the logs. :class:`ScheduleAdapter` turns a core
 :class:`hvd_largebatch.schedules.Schedule` into a Keras ``LearningRateSchedule``.
 ConAdv (Liu, You et al. 2022): :class:`ConAdv`, a model wrapper whose
 ``train_step`` trains on clean plus adversarial examples from stale weights,
@@ -41,6 +42,7 @@ from hvd_largebatch.tf.lamb import LAMB
 from hvd_largebatch.tf.mixed_precision import DistributedLossScaleOptimizer
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS, LARS, SGD
+from hvd_largebatch.tf.noise_scale import NoiseScaleMonitor
 from hvd_largebatch.tf.optimizer_factory import create_optimizer
 from hvd_largebatch.tf.per_example_norms import per_example_grad_norm_sums
 from hvd_largebatch.tf.schedule_adapter import ScheduleAdapter
@@ -54,6 +56,7 @@ __all__ = [
     "create_optimizer",
     "DistributedOptimizer",
     "DistributedLossScaleOptimizer",
+    "NoiseScaleMonitor",
     "callbacks",
     "CLARSModel",
     "per_example_grad_norm_sums",

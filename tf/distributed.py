@@ -19,6 +19,7 @@ import tensorflow as tf
 from keras import ops
 
 from hvd_largebatch import config
+from hvd_largebatch import noise_scale as noise_scale_core
 from hvd_largebatch.tf import horovod_backend
 
 __all__ = ["DistributedOptimizer", "REDUCTION_OPS", "COMPRESSIONS", "MIXED_FLOAT16_MESSAGE", "innermost_optimizer"]
@@ -95,6 +96,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         op: ``"average"`` (default), ``"sum"`` or ``"adasum"``.
         compression: None or ``"none"``, or ``"fp16"`` to send float16 on the wire.
         backward_passes_per_step: local gradient accumulations per update (>= 1).
+        noise_scale_interval: None (default, off), or measure the squared
+            gradient norms of the gradient noise scale every that many updates
+            for :class:`hvd_largebatch.tf.NoiseScaleMonitor` (see there).
         name: the wrapper's name (default ``"distributed_<inner name>"``).
 
     Raises:
@@ -114,6 +118,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         op: str = "average",
         compression: str | None = None,
         backward_passes_per_step: int = 1,
+        noise_scale_interval: int | None = None,
         name: str | None = None,
     ):
         if not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -124,6 +129,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         compression = "none" if compression is None else compression
         config.check_choice("compression", compression, COMPRESSIONS)
         backward_passes_per_step = config.check_positive_int("backward_passes_per_step", backward_passes_per_step)
+        if noise_scale_interval is not None:
+            noise_scale_interval = noise_scale_core.check_interval(noise_scale_interval, "noise_scale_interval")
+            if op == "adasum":
+                raise ValueError(noise_scale_core.UNSUPPORTED_OP.format(op=op))
         super().__init__(learning_rate=0.0, name=name or f"distributed_{optimizer.name}")
         # The wrapper's own iteration and learning-rate variables would only shadow the inner ones.
         self._untrack_variable(self._iterations)
@@ -132,6 +141,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.op = op
         self.compression = compression
         self.backward_passes_per_step = backward_passes_per_step
+        self.noise_scale_interval = noise_scale_interval
         self._built_by_init = True
 
     # ----------------------------------------------------------- pass-through
@@ -166,6 +176,22 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         if self.backward_passes_per_step > 1:
             self.accumulated_gradients = self.add_optimizer_variables(var_list, "accumulated_gradient")
             self.local_passes = self.add_variable((), initializer="zeros", dtype="int", name="local_passes")
+        if self.noise_scale_interval is not None:
+            n = len(var_list)
+
+            def vector(name):
+                return self.add_variable((n,), initializer="zeros", dtype="float64", name=name)
+
+            # This rank's local |g|^2, |G_s|^2 and |G_B|^2 per variable at the last measurement, and its update.
+            self.noise_scale_local_sq = vector("noise_scale_local_sq")
+            self.noise_scale_small_sq = vector("noise_scale_small_sq")
+            self.noise_scale_big_sq = vector("noise_scale_big_sq")
+            self.noise_scale_step = self.add_variable((), initializer="zeros", dtype="int64", name="noise_scale_step")
+            self.noise_scale_measurements = self.add_variable(
+                (), initializer="zeros", dtype="int64", name="noise_scale_measurements"
+            )
+            if self.backward_passes_per_step > 1:  # one rank: the sum of the passes' squared norms so far
+                self.noise_scale_pass_sq = vector("noise_scale_pass_sq")
         super().build(var_list)
 
     def __setattr__(self, name, value):
@@ -210,7 +236,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         local = [ops.cast(tf.convert_to_tensor(grads[i]), trainable_variables[i].dtype) for i in present]
 
         if self.backward_passes_per_step == 1:
-            update(self._allreduce(hvd, local), variables)
+            averaged = self._allreduce(hvd, local)
+            if self.noise_scale_interval is not None:
+                self._measure_noise_scale(hvd, variables, local, averaged)
+            update(averaged, variables)
             return
 
         k = self.backward_passes_per_step
@@ -219,16 +248,67 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
         def average_and_update():
             mean = [(acc + g) / ops.cast(k, g.dtype) for acc, g in zip(accumulators, local)]
-            update(self._allreduce(hvd, mean), variables)
+            averaged = self._allreduce(hvd, mean)
+            if self.noise_scale_interval is not None:
+                self._measure_noise_scale(hvd, variables, mean, averaged, last_pass=local)
+            update(averaged, variables)
             for acc in accumulators:
                 acc.assign(ops.zeros_like(acc))
 
         def accumulate():
             for acc, g in zip(accumulators, local):
                 acc.assign_add(g)
+            if self.noise_scale_interval is not None and hvd.size() == 1:
+                tf.cond(self._is_noise_scale_step(), lambda: self._add_pass_sq(variables, local), tf.no_op)
 
         ops.cond(is_update, average_and_update, accumulate)
         self.local_passes.assign_add(ops.cast(1, self.local_passes.dtype))
+
+    # ---------------------------------------------------------- noise scale
+    def _is_noise_scale_step(self):
+        return ops.equal(self.iterations % self.noise_scale_interval, 0)
+
+    def _sq_norms(self, variables, tensors):
+        """One float64 ``|t|^2`` per variable of the optimizer (0 for variables without a gradient)."""
+        values = [tf.zeros((), tf.float64)] * len(self._trainable_variables)
+        for v, t in zip(variables, tensors):
+            values[self._get_variable_index(v)] = tf.cast(tf.reduce_sum(tf.square(t)), tf.float64)
+        return tf.stack(values)
+
+    def _add_pass_sq(self, variables, local):
+        self.noise_scale_pass_sq.assign_add(self._sq_norms(variables, local))
+        return tf.no_op()
+
+    def _measure_noise_scale(self, hvd, variables, local, averaged, last_pass=None):
+        """Stores ``|G_s|^2`` and ``|G_B|^2`` per variable on every ``noise_scale_interval``-th update.
+
+        ``k > 1`` ranks: ``|G_s|^2`` is the mean over ranks (one allreduce) of
+        the local gradient's squared norm (the mean of the passes with
+        gradient accumulation). One rank: the mean over the passes of each
+        pass's squared norm. ``|G_B|^2`` is the averaged gradient's.
+        """
+        size = hvd.size()
+        noise_scale_core.batch_sizes(1, size, self.backward_passes_per_step)  # one rank needs micro-batches
+
+        def measure():
+            if size > 1:
+                local_sq = self._sq_norms(variables, local)
+                small = hvd.allreduce(local_sq, op=hvd.Average, name="hvd_largebatch_noise_scale_local_sq_norm")
+            else:
+                passes = self.backward_passes_per_step
+                small = local_sq = (self.noise_scale_pass_sq + self._sq_norms(variables, last_pass)) / passes
+                self.noise_scale_pass_sq.assign(tf.zeros_like(self.noise_scale_pass_sq))
+            big = self._sq_norms(variables, averaged)
+            if self.op == "sum":
+                big = big / float(size * size)
+            self.noise_scale_local_sq.assign(local_sq)
+            self.noise_scale_small_sq.assign(small)
+            self.noise_scale_big_sq.assign(big)
+            self.noise_scale_step.assign(ops.cast(self.iterations, "int64"))
+            self.noise_scale_measurements.assign_add(tf.constant(1, tf.int64))
+            return tf.no_op()
+
+        tf.cond(self._is_noise_scale_step(), measure, tf.no_op)
 
     def apply_gradients(self, grads_and_vars):
         grads, variables = zip(*grads_and_vars)
@@ -254,6 +334,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             "op": self.op,
             "compression": self.compression,
             "backward_passes_per_step": self.backward_passes_per_step,
+            "noise_scale_interval": self.noise_scale_interval,
         }
 
     @classmethod

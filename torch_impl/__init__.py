@@ -6,7 +6,8 @@ ALGORITHMS.md): :class:`SGD`, :class:`LARS` (``clip=True`` is LARC),
 :class:`CLARS`, :class:`LAMB` and :func:`create_optimizer`. Goyal's
 per-iteration warmup: :class:`GradualWarmupScheduler` over a core
 ``hvd_largebatch.schedules.Schedule``. Horovod glue:
-:func:`DistributedOptimizer`, :func:`broadcast_state`, rank-0
+:func:`DistributedOptimizer`, :func:`broadcast_state`, the gradient noise
+scale (critical batch) :class:`NoiseScaleMonitor`, rank-0
 :func:`save_checkpoint` / :func:`load_checkpoint`; CLARS's per-example
 norms: :func:`per_example_grad_norms`. ConAdv (Liu, You et al. 2022):
 :class:`ConAdv`, :func:`lookahead`, and :func:`convert_to_dual_bn` for the
@@ -42,6 +43,7 @@ from hvd_largebatch.torch_impl.lamb import LAMB
 from hvd_largebatch.torch_impl.lamb_functional import lamb_update
 from hvd_largebatch.torch_impl.lars import LARS
 from hvd_largebatch.torch_impl.momentum_functional import momentum_update
+from hvd_largebatch.torch_impl.noise_scale import NoiseScaleMonitor
 from hvd_largebatch.torch_impl.optimizer_base import LargeBatchOptimizer
 from hvd_largebatch.torch_impl.optimizer_factory import create_optimizer
 from hvd_largebatch.torch_impl.per_example_norms import per_example_grad_norm_sums, per_example_grad_norms
@@ -60,6 +62,7 @@ __all__ = [
     "GradualWarmupScheduler",
     "DistributedOptimizer",
     "broadcast_state",
+    "NoiseScaleMonitor",
     "save_checkpoint",
     "load_checkpoint",
     "per_example_grad_norms",

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from hvd_largebatch import config, reference, schedules
+from hvd_largebatch import config, noise_scale, reference, schedules
 from hvd_largebatch.schedules import Schedule, make_schedule
 
 NAN, INF = math.nan, math.inf
@@ -200,6 +200,22 @@ BAD_INPUTS = [
     ("oracle step wrong tensor count", lambda: lars_oracle().step(W * 2, G * 2, lr=0.1), "params"),
     ("oracle clars without norms", lambda: lars_oracle("clars").step(W, G, lr=0.1), "grad_norms"),
     ("oracle lars with norms", lambda: lars_oracle().step(W, G, lr=0.1, grad_norms=[1.0]), "grad_norms"),
+    # ---- gradient noise scale
+    ("noise interval zero", lambda: noise_scale.check_interval(0), "interval"),
+    ("noise interval negative", lambda: noise_scale.check_interval(-3), "interval"),
+    ("noise interval float", lambda: noise_scale.check_interval(1.5), "interval"),
+    ("noise decay one", lambda: noise_scale.check_ema_decay(1.0), "ema_decay"),
+    ("noise decay negative", lambda: noise_scale.check_ema_decay(-0.1), "ema_decay"),
+    ("noise decay nan", lambda: noise_scale.check_ema_decay(NAN), "ema_decay"),
+    ("noise estimator decay", lambda: noise_scale.NoiseScaleEstimator(8, 16, ema_decay=1.5), "ema_decay"),
+    ("noise estimator big not above small", lambda: noise_scale.NoiseScaleEstimator(16, 16), "big_batch"),
+    ("noise estimator zero small", lambda: noise_scale.NoiseScaleEstimator(0, 16), "small_batch"),
+    ("noise one rank no micro-batches", lambda: noise_scale.batch_sizes(32, 1, 1), "backward_passes_per_step"),
+    ("noise zero batch size", lambda: noise_scale.batch_sizes(0, 2), "batch_size"),
+    ("noise zero world size", lambda: noise_scale.batch_sizes(8, 0), "world_size"),
+    ("noise update shapes differ", lambda: noise_scale.NoiseScaleEstimator(8, 16).update([1.0, 2.0], [1.0], 0), "big_sq_norms"),
+    ("noise advice zero batch", lambda: noise_scale.advice(100.0, 0), "global_batch"),
+    ("noise oracle groups", lambda: noise_scale.exact_estimates_from_per_example_gradients(np.ones((6, 2)), 4), "small_batch"),
 ]
 
 

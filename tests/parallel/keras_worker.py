@@ -38,6 +38,7 @@ from hvd_largebatch.tf import (  # noqa: E402
     DistributedOptimizer,
     callbacks,
 )
+from keras_noise_scale_checks import run_checks as noise_scale_checks  # noqa: E402
 from launcher import write_results  # noqa: E402
 
 LOCAL_BATCH = 8
@@ -311,6 +312,7 @@ def main() -> None:
     results["broadcast"] = broadcast_check()
     results["jit"] = jit_check()
     results["resume"] = resume_check(directory)
+    results.update(noise_scale_checks())
     write_results(hvd.rank(), results)
 
 

@@ -104,3 +104,32 @@ def test_rank_0_checkpoint_resumes_exactly_on_every_rank(results):
     assert [r["max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results)
     for result in per_rank:
         assert result["vs_uninterrupted"] <= 1e-14
+
+
+# ---------------------------------------------------------------- gradient noise scale (keras_noise_scale_checks.py)
+@pytest.mark.parametrize("passes", [1, 2])
+def test_noise_scale_monitor_is_exact_identical_on_ranks_logged_and_leaves_training_unchanged(results, passes):
+    from hvd_largebatch import noise_scale
+
+    first, second = (r[f"noise_scale/passes{passes}"] for r in results)
+    assert first["batches"] == [4, 8] and first["updates"] == 4
+    for result in (first, second):
+        # the unbiased estimates equal the closed form of the global batch's per-example gradients
+        assert len(result["raw"]) == len(result["exact"]) == 4
+        for (g2, s), (exact_g2, exact_s) in zip(result["raw"], result["exact"]):
+            assert g2 == pytest.approx(exact_g2, rel=1e-10)
+            assert s == pytest.approx(exact_s, rel=1e-10)
+        # the batch logs carry b_simple, and History's epoch value is the last one
+        assert result["logged"] == pytest.approx(result["b_simple"], rel=0, nan_ok=True)
+        assert result["history_b_simple"] == pytest.approx([result["b_simple"][-1]], rel=0, nan_ok=True)
+        # the monitor only reads gradients: weights bit-identical with and without it
+        assert result["digest"] == result["digest_off"]
+    # identical on both ranks, and equal to one process fed the same norms
+    assert first["b_simple"] == pytest.approx(second["b_simple"], rel=0, nan_ok=True)
+    assert first["small"] == second["small"] and first["big"] == second["big"]
+    estimator = noise_scale.NoiseScaleEstimator(4, 8, ema_decay=0.5)
+    assert first["local"] != second["local"]
+    for step, (a, b, big) in enumerate(zip(first["local"], second["local"], first["big"])):
+        estimator.update([(a[0] + b[0]) / 2], big, step)
+        assert first["b_simple"][step] == pytest.approx(estimator.b_simple, rel=1e-12, nan_ok=True)
+    assert first["digest"] == second["digest"]

@@ -95,3 +95,35 @@ def test_checkpoint_written_by_rank0_resumes_exactly_on_every_rank(results):
         assert result["checkpoint_info"] == {"step": 4, "extra": {"epoch": 2}}
         assert result["checkpoint_max_abs_vs_uninterrupted"] == 0.0
         assert result["checkpoint_lr"][0] == result["checkpoint_lr"][1]
+
+
+# ---------------------------------------------------------------- gradient noise scale (torch_noise_scale_checks.py)
+@pytest.mark.parametrize("key", ["noise_scale/package/passes1", "noise_scale/horovod/passes2"])
+def test_noise_scale_monitor_is_exact_identical_on_ranks_and_leaves_training_unchanged(results, key):
+    from hvd_largebatch import noise_scale
+
+    first, second = (r[key] for r in results)
+    assert first["batches"] == [4, 8]  # b_s = 4 examples per rank (2 passes of 2 or 1 of 4), b_B = 2 ranks x 4
+    # the unbiased estimates equal the closed form of the global batch's per-example gradients
+    for result in (first, second):
+        for (g2, s), (exact_g2, exact_s) in zip(result["raw"], result["exact"]):
+            assert g2 == pytest.approx(exact_g2, rel=1e-10)
+            assert s == pytest.approx(exact_s, rel=1e-10)
+    # identical on both ranks, and equal to one process fed the same local norms
+    assert first["b_simple"] == second["b_simple"]
+    assert first["small"] == second["small"] and first["big"] == second["big"]
+    assert first["local"] != second["local"]
+    estimator = noise_scale.NoiseScaleEstimator(4, 8, ema_decay=0.5)
+    for step, (a, b, big) in enumerate(zip(first["local"], second["local"], first["big"])):
+        estimator.update([(a[0] + b[0]) / 2], big, step)
+        assert first["b_simple"][step] == pytest.approx(estimator.b_simple, rel=1e-12, nan_ok=True)
+    assert first["g2"] == pytest.approx(estimator.g2, rel=1e-12)
+    # the monitor only reads gradients: weights bit-identical with and without it
+    for result in (first, second):
+        assert result["digest"] == result["digest_off"]
+    assert first["digest"] == second["digest"]
+
+
+def test_noise_scale_monitor_measures_every_interval_steps(results):
+    for result in results:
+        assert result["noise_scale/interval2"] == {"updates": 3, "measured": 3}  # steps 0, 2, 4 of 5

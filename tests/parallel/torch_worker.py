@@ -36,6 +36,7 @@ from hvd_largebatch.torch_impl import (
     save_checkpoint,
 )
 from launcher import write_results
+from torch_noise_scale_checks import run_checks as noise_scale_checks
 
 STEPS = 6
 LOCAL_BATCH = 8
@@ -357,6 +358,7 @@ def main() -> None:
             results[f"broadcast/root{root_rank}/fresh{int(root_fresh)}"] = check_broadcast_state_exact(root_rank, root_fresh)
     results.update(check_nonfinite_skipped_on_all_ranks())
     results.update(check_checkpoint_resume(checkpoint_dir))
+    results.update(noise_scale_checks())
     write_results(hvd.rank(), results)
 
 
