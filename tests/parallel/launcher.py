@@ -37,8 +37,13 @@ def run_under_horovod(
     np: int = 2,
     timeout: float = 900,
     env: dict[str, str] | None = None,
+    hosts: str | None = None,
 ) -> list[dict]:
     """Runs ``script`` on ``np`` local ranks and returns the per-rank results, rank order.
+
+    ``hosts`` is horovodrun's ``-H`` (default ``localhost:np``); ``localhost``
+    and ``127.0.0.1`` are two host names of this machine, so
+    ``localhost:2,127.0.0.1:2`` runs two "nodes" of two ranks each.
 
     Raises:
         AssertionError: with the tail of the output when the launch fails or a
@@ -54,7 +59,7 @@ def run_under_horovod(
         # Each rank gets one core's worth of threads; two ranks share two cores.
         run_env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [
-            horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}", f"--{backend}",
+            horovodrun_path(), "-np", str(np), "-H", hosts or f"localhost:{np}", f"--{backend}",
             sys.executable, str(script), *script_args,
         ]
         if backend == "mpi":
