@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -77,12 +78,18 @@ _HOROVOD_ERROR_TYPES = (tf.errors.UnknownError, tf.errors.AbortedError, tf.error
                         tf.errors.InternalError, tf.errors.FailedPreconditionError)
 
 
+#: A Horovod op's node name, or the message of a Horovod that a lost peer shut down.
+_HOROVOD_ERROR_TEXT = re.compile(
+    r"Horovod(Grouped)?(Allreduce|Allgather|Broadcast|Alltoall|Reducescatter|Join|Barrier)|Horovod has been shut down"
+)
+
+
 def is_horovod_error(error: BaseException) -> bool:
     """True for a TensorFlow op error raised by any Horovod op (``HorovodAllreduce``, ``HorovodGroupedAllreduce_...``, ...)."""
     if not isinstance(error, _HOROVOD_ERROR_TYPES):
         return False
     text = f"{getattr(error, 'message', '')} {getattr(error, 'node_def', '')} {error}"
-    return "Horovod" in text
+    return _HOROVOD_ERROR_TEXT.search(text) is not None
 
 
 def _reset() -> None:

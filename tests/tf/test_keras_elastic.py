@@ -26,19 +26,20 @@ def test_an_error_of_any_horovod_op_is_a_reset_and_others_are_not():
     assert elastic.is_horovod_error(grouped)
     assert elastic.is_horovod_error(tf.errors.UnknownError(None, None, f"{SHUTDOWN} [[node HorovodAllreduce_x]]"))
     assert not elastic.is_horovod_error(tf.errors.UnknownError(None, None, "some other failure"))
+    assert not elastic.is_horovod_error(tf.errors.UnknownError(None, None, "mentions Horovod, no op of it"))
     assert not elastic.is_horovod_error(tf.errors.InvalidArgumentError(None, None, "Horovod op got bad shape"))
     assert not elastic.is_horovod_error(ValueError("Horovod"))
 
 
 def test_run_passes_other_errors_through_instead_of_returning():
     def train(state):
-        raise tf.errors.UnknownError(None, None, "not Horovod")
+        raise tf.errors.UnknownError(None, None, "a failure of no Horovod op")
 
     class NoState:
         def sync(self):
             pass
 
-    with pytest.raises(tf.errors.UnknownError, match="not Horovod"):
+    with pytest.raises(tf.errors.UnknownError, match="no Horovod op"):
         # run_fn registers the state as a listener of the (not started) notification manager
         elastic.run(train)(NoState())
 
