@@ -44,7 +44,8 @@ def results(request, tmp_path_factory):
     script.chmod(0o755)
     started = time.monotonic()
     results = run_elastic_under_horovod(
-        WORKERS[request.param], str(directory), discovery_script=script, np=2, min_np=1, max_np=2, cooldown=(1, 2), timeout=600
+        WORKERS[request.param], str(directory), discovery_script=script, np=2, min_np=1, max_np=2, cooldown=(1, 2),
+        timeout=600, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "300"},  # a newcomer's TensorFlow start-up can take a minute
     )
     print(f"elastic {request.param} launch: {time.monotonic() - started:.1f} s")
     return results
@@ -87,7 +88,7 @@ def test_restore_gives_back_the_last_commit_bit_for_bit(results):
 def test_syncs_are_exact_and_ranks_identical_while_two_are_alive(results):
     survivor, newcomer = results
     for event in survivor["events"]:
-        if event["event"] == "sync":
+        if event["event"] == "sync" and event["rank"] == 0:
             assert event["before"] == event["after"], event  # rank 0 is never moved by a sync
     joined = [e for e in newcomer["events"] if e["event"] == "sync"]
     assert len(joined) == 1 and joined[0]["size"] == 2
