@@ -82,5 +82,9 @@ def test_elastic_first_sync_takes_no_step(name, tmp_path_factory):
     for result in ours:
         assert result["drift"] == 0.0 and result["state_entries"] == 0, ours
     assert len({r["digest"] for r in ours}) == 1, ours
-    # the same check catches Horovod's zero-gradient step (the trap the elastic state avoids)
-    assert all(r["drift"] > 0 for r in horovods), horovods
+    # the same check catches Horovod's zero-gradient step (the trap the elastic state avoids);
+    # for CLARS that step cannot even run (it has no per-example gradient norms)
+    if name == "clars":
+        assert all("per-example gradient norms" in r["error"] for r in horovods), horovods
+    else:
+        assert all(r["drift"] > 0 for r in horovods), horovods
