@@ -9,9 +9,9 @@ the concatenated batch. (Horovod turns hierarchical allreduce off unless it
 is built with NCCL or DDL, so on CPU both settings run the flat ring; the
 test runs both so that a build where the setting takes effect is covered.)
 
-The torch launch also checks the elastic state's first sync for every package
-optimizer with weight decay (no drift, no state seeded), beside Horovod's
-``TorchState`` on the same setup (which drifts).
+Both frameworks' launches also check the elastic state's first sync for every
+package optimizer with weight decay (no drift, no state seeded), torch beside
+Horovod's ``TorchState`` on the same setup (which drifts).
 """
 
 from __future__ import annotations
@@ -88,3 +88,13 @@ def test_elastic_first_sync_takes_no_step(name, tmp_path_factory):
         assert all("per-example gradient norms" in r["error"] for r in horovods), horovods
     else:
         assert all(r["drift"] > 0 for r in horovods), horovods
+
+
+@pytest.mark.parametrize("name", WEIGHT_DECAY_OPTIMIZERS)
+def test_keras_elastic_first_sync_takes_no_step(name, tmp_path_factory):
+    results = results_of("keras", "0", tmp_path_factory)
+    synced = [r[f"first_sync/{name}"] for r in results]
+    assert synced[0]["weight_decay"] > 0, synced[0]
+    for result in synced:
+        assert result["drift"] == 0.0 and result["slots_nonzero"] == 0 and result["iterations"] == 0, synced
+    assert len({r["digest"] for r in synced}) == 1, synced

@@ -5,11 +5,11 @@ Launched as ``horovodrun -np 4 -H localhost:2,127.0.0.1:2 --gloo python topology
 Horovod builds a two-node topology: local_size 2, cross_size 2). Every rank
 reports its place in the topology and reruns the concatenated-batch check of
 the framework's parallel worker with the package's LARS (plus LAMB/CLARS for
-torch). The torch launch also checks the elastic state's first sync for every
+torch). Both launches also check the elastic state's first sync for every
 package optimizer with weight decay: weights and state exactly rank 0's, no
-step taken, beside Horovod's own ``TorchState.sync()`` on the same setup
-(which moves the weights; the test shows that difference so a real drift
-cannot pass unseen).
+step taken; torch beside Horovod's own ``TorchState.sync()`` on the same
+setup (which moves the weights; the test shows that difference so a real
+drift cannot pass unseen).
 """
 
 from __future__ import annotations
@@ -90,6 +90,28 @@ def keras_main(directory: Path) -> None:
     keras.backend.set_floatx("float64")
     results = topology(hvd)
     results["fit/lars"] = keras_worker.fit_check("lars")
+
+    from hvd_largebatch.elastic_schedule import ElasticSchedule
+    from hvd_largebatch.tf import DistributedOptimizer, create_optimizer
+    from hvd_largebatch.tf.elastic import ElasticState
+
+    recipe = ElasticSchedule(base_lr=0.1, base_batch=8, total_examples=640, warmup_examples=64)
+    for name in ("sgd", "lars", "larc", "clars", "lamb"):
+        model = keras_worker.model(seed=100 + hvd.rank())
+        model.compile(optimizer=DistributedOptimizer(create_optimizer(name, learning_rate=0.1, weight_decay=1e-3)),
+                      loss=keras_worker.loss(), jit_compile=False)
+        root_before = [v.numpy() for v in keras_worker.model(seed=100).variables]
+        state = ElasticState(model, recipe, per_worker_batch=8, dataset_size=64)
+        state.sync()
+        results[f"first_sync/{name}"] = {
+            "drift": max(float(abs(v.numpy() - r).max()) for v, r in zip(model.variables, root_before)),
+            "slots_nonzero": sum(int((keras.ops.convert_to_numpy(v) != 0).any())
+                                 for v in model.optimizer.inner_optimizer.variables
+                                 if v.dtype == "float64" and len(v.shape) > 0),
+            "iterations": int(model.optimizer.iterations.numpy()),
+            "weight_decay": float(model.optimizer.inner_optimizer.core_config.weight_decay),
+            "digest": keras_worker.digest(state.variables()),
+        }
     write_results(hvd.rank(), results)
 
 
