@@ -136,7 +136,9 @@ class ElasticSchedule:
         raw = tuple(raw)
         if self.decay != "step":
             if raw:
-                raise ValueError(f"milestones are only used by decay='step', got milestones={raw!r} with decay={self.decay!r}")
+                raise ValueError(
+                    f"milestones are only used by decay='step', got milestones={raw!r} with decay={self.decay!r}"
+                )
         elif not raw:
             raise ValueError("milestones must hold at least one milestone (in examples) for decay='step', got ()")
         values = tuple(_check_examples("milestones", m) for m in raw)
@@ -319,7 +321,7 @@ class ElasticSchedule:
         return self.end_lr + (peak - self.end_lr) * (1.0 - progress) ** power
 
     def to_schedule(self, global_batch: int) -> Schedule:
-        """The step :class:`Schedule` of this recipe at a constant ``global_batch`` (update ``t`` after ``t * B`` examples).
+        """The step :class:`Schedule` of this recipe at a constant ``global_batch`` (update ``t`` after ``t * B``).
 
         Raises:
             ValueError: naming ``global_batch`` when a length of the recipe

@@ -1,4 +1,4 @@
-"""Horovod elastic training for Keras 3 under ``model.fit``: exact commit, restore and sync, an LR that follows the global batch.
+"""Horovod elastic training for Keras 3 under ``model.fit``: exact commit, restore and sync; LR follows the batch.
 
 Horovod's ``horovod.tensorflow.keras.elastic`` does not work on Keras 3
 (``KerasState`` calls ``optimizer.variables()``, a list in Keras 3), and
@@ -85,7 +85,7 @@ _HOROVOD_ERROR_TEXT = re.compile(
 
 
 def is_horovod_error(error: BaseException) -> bool:
-    """True for a TensorFlow op error raised by any Horovod op (``HorovodAllreduce``, ``HorovodGroupedAllreduce_...``, ...)."""
+    """True for a TensorFlow op error raised by any Horovod op (``HorovodAllreduce``, ``HorovodGroupedAllreduce_...``)."""
     if not isinstance(error, _HOROVOD_ERROR_TYPES):
         return False
     text = f"{getattr(error, 'message', '')} {getattr(error, 'node_def', '')} {error}"

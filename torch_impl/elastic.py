@@ -1,4 +1,4 @@
-"""Horovod elastic training for PyTorch: exact commit, restore and sync, an LR that follows the global batch, and resumable shards.
+"""Horovod elastic training for PyTorch: exact commit, restore and sync; an LR that follows the global batch.
 
 :class:`ElasticState` is a ``horovod.common.elastic.State`` for
 ``horovod.torch.elastic.run``. Compared with Horovod's ``TorchState``:
