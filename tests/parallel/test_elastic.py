@@ -45,7 +45,7 @@ def results(request, tmp_path_factory):
     started = time.monotonic()
     results = run_elastic_under_horovod(
         WORKERS[request.param], str(directory), discovery_script=script, np=2, min_np=1, max_np=2, cooldown=(1, 2),
-        timeout=600, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "300"},  # a newcomer's TensorFlow start-up can take a minute
+        timeout=900, env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "300"},  # a newcomer's TensorFlow start-up can take a minute
     )
     print(f"elastic {request.param} launch: {time.monotonic() - started:.1f} s")
     return results
