@@ -15,7 +15,9 @@ noise scale (critical batch) in the logs. :class:`ScheduleAdapter` turns a core
 :class:`hvd_largebatch.schedules.Schedule` into a Keras ``LearningRateSchedule``.
 ConAdv (Liu, You et al. 2022): :class:`ConAdv`, a model wrapper whose
 ``train_step`` trains on clean plus adversarial examples from stale weights,
-and :func:`convert_to_dual_bn` for the auxiliary BatchNorm.
+and :func:`convert_to_dual_bn` for the auxiliary BatchNorm. Horovod elastic
+training under ``model.fit``: :mod:`hvd_largebatch.tf.elastic` (imported on
+request, it needs ``horovod.tensorflow``).
 
 Example (run with ``horovodrun -np 2 -H localhost:2 python train.py``)::
 

@@ -11,7 +11,9 @@ scale (critical batch) :class:`NoiseScaleMonitor`, rank-0
 :func:`save_checkpoint` / :func:`load_checkpoint`; CLARS's per-example
 norms: :func:`per_example_grad_norms`. ConAdv (Liu, You et al. 2022):
 :class:`ConAdv`, :func:`lookahead`, and :func:`convert_to_dual_bn` for the
-auxiliary BatchNorm of adversarial examples.
+auxiliary BatchNorm of adversarial examples. Horovod elastic training:
+:mod:`hvd_largebatch.torch_impl.elastic` (``ElasticState``,
+``ElasticLRScheduler``; imported on request, it needs ``horovod.torch``).
 
 Example (launched with ``horovodrun -np 2 -H localhost:2 python train.py``)::
 

@@ -37,8 +37,13 @@ def run_under_horovod(
     np: int = 2,
     timeout: float = 900,
     env: dict[str, str] | None = None,
+    hosts: str | None = None,
 ) -> list[dict]:
     """Runs ``script`` on ``np`` local ranks and returns the per-rank results, rank order.
+
+    ``hosts`` is horovodrun's ``-H`` (default ``localhost:np``); ``localhost``
+    and ``127.0.0.1`` are two host names of this machine, so
+    ``localhost:2,127.0.0.1:2`` runs two "nodes" of two ranks each.
 
     Raises:
         AssertionError: with the tail of the output when the launch fails or a
@@ -54,7 +59,7 @@ def run_under_horovod(
         # Each rank gets one core's worth of threads; two ranks share two cores.
         run_env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [
-            horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}", f"--{backend}",
+            horovodrun_path(), "-np", str(np), "-H", hosts or f"localhost:{np}", f"--{backend}",
             sys.executable, str(script), *script_args,
         ]
         if backend == "mpi":
@@ -88,3 +93,46 @@ def write_results(rank: int, results: dict) -> None:
     if not directory:
         raise RuntimeError(f"{RESULTS_ENV} is not set: run this worker through run_under_horovod")
     Path(directory, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def run_elastic_under_horovod(
+    script: str | os.PathLike,
+    *script_args: str,
+    discovery_script: str | os.PathLike,
+    np: int,
+    min_np: int,
+    max_np: int,
+    cooldown: tuple[int, int] | None = None,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> list[dict]:
+    """Runs ``script`` in Horovod elastic mode (Gloo) and returns the results of every process that wrote some.
+
+    Processes that fail on purpose write nothing; each survivor or newcomer
+    calls :func:`write_results` with its final rank, so the list is in final
+    rank order.
+
+    Raises:
+        AssertionError: with the tail of the output when the launch fails.
+    """
+    with tempfile.TemporaryDirectory(prefix="hvd_lb_elastic_") as results_dir:
+        run_env = {**os.environ, **(env or {}), RESULTS_ENV: results_dir}
+        run_env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        run_env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        run_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        run_env.setdefault("OMP_NUM_THREADS", "1")
+        cmd = [
+            horovodrun_path(), "-np", str(np), "--min-np", str(min_np), "--max-np", str(max_np),
+            "--host-discovery-script", str(discovery_script), "--network-interfaces", "lo",
+        ]
+        if cooldown is not None:
+            cmd += ["--blacklist-cooldown-range", str(cooldown[0]), str(cooldown[1])]
+        cmd += [sys.executable, str(script), *script_args]
+        proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=timeout)
+        output = (proc.stdout + proc.stderr)[-8000:]
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output}")
+        paths = sorted(Path(results_dir).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+        if not paths:
+            raise AssertionError(f"no process wrote results:\n{output}")
+        return [json.loads(path.read_text()) for path in paths]
