@@ -44,7 +44,11 @@ from hvd_largebatch.torch_impl.lars import LARS
 from hvd_largebatch.torch_impl.momentum_functional import momentum_update
 from hvd_largebatch.torch_impl.optimizer_base import LargeBatchOptimizer
 from hvd_largebatch.torch_impl.optimizer_factory import create_optimizer
-from hvd_largebatch.torch_impl.per_example_norms import per_example_grad_norm_sums, per_example_grad_norms
+from hvd_largebatch.torch_impl.per_example_norms import (
+    loss_and_grad_norm_sums,
+    per_example_grad_norm_sums,
+    per_example_grad_norms,
+)
 from hvd_largebatch.torch_impl.sgd import SGD
 from hvd_largebatch.torch_impl.warmup_scheduler import GradualWarmupScheduler
 
@@ -63,6 +67,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "per_example_grad_norms",
+    "loss_and_grad_norm_sums",
     "per_example_grad_norm_sums",
     "ConAdv",
     "lookahead",
