@@ -43,6 +43,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from hvd_largebatch import config
 from hvd_largebatch.tf import horovod_backend
 from hvd_largebatch.tf.distributed import find_distributed_optimizer, innermost_optimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS
@@ -74,6 +75,9 @@ class CLARSModel(keras.Model):
 
     Args:
         model: a built single-output Keras model.
+        method: how ``estimator="exact"`` measures: ``"auto"`` (ghost-norm
+            rules where a layer has one, ``vectorized_map`` for the rest) or
+            ``"vmap"`` (the ``vectorized_map`` reference for every variable).
         **kwargs: ``keras.Model`` arguments (``name``, ...).
 
     Raises:
@@ -94,11 +98,13 @@ class CLARSModel(keras.Model):
         ['loss']
     """
 
-    def __init__(self, model: keras.Model, **kwargs: Any):
+    def __init__(self, model: keras.Model, method: str = "auto", **kwargs: Any):
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model, got {model!r}")
+        method = config.check_choice("method", method, config.EXACT_NORM_METHODS)
         super().__init__(**kwargs)
         self.inner_model = model
+        self.method = method
 
     def call(self, inputs, training=None):
         return self.inner_model(inputs, training=training)
@@ -165,7 +171,7 @@ class CLARSModel(keras.Model):
             self.optimizer.build(variables)
 
         # 2. Per-example norms (inference mode: BN uses the batch statistics just stored).
-        if clars.estimator == "exact" and tf.is_tensor(x):
+        if clars.estimator == "exact" and self.method == "auto" and tf.is_tensor(x):
             sums, count = exact_norm_sums_by_rules(self.inner_model, loss_of_outputs, variables, x, y, clars.chunk_size)
         else:
             sums, count = per_example_grad_norm_sums(
@@ -194,7 +200,12 @@ class CLARSModel(keras.Model):
 
     # ---------------------------------------------------------- serialisation
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "trainable": self.trainable, "model": keras.saving.serialize_keras_object(self.inner_model)}
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "method": self.method,
+            "model": keras.saving.serialize_keras_object(self.inner_model),
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects=None) -> CLARSModel:

@@ -64,11 +64,7 @@ __all__ = [
     "per_example_grad_norms",
     "loss_and_grad_norm_sums",
     "batch_norm_frozen_at_batch_statistics",
-    "EXACT_METHODS",
 ]
-
-#: How the ``exact`` estimator measures: ghost-norm rules where a layer has one (else vmap), or vmap only.
-EXACT_METHODS = ("auto", "vmap")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -197,8 +193,7 @@ def per_example_grad_norm_sums(
 
 
 def _check_method(method: str) -> None:
-    if method not in EXACT_METHODS:
-        raise ValueError(f"method must be one of {EXACT_METHODS}, got {method!r}")
+    config.check_choice("method", method, config.EXACT_NORM_METHODS)
 
 
 def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> None:

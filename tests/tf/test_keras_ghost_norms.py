@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from hvd_largebatch.tf import CLARS, CLARSModel
 from hvd_largebatch.tf.ghost_norms import GhostRecorder
 from hvd_largebatch.tf.per_example_norms import exact_norm_sums, exact_norm_sums_by_rules
 
@@ -102,3 +103,22 @@ def test_the_recorder_measures_rule_layers_and_names_the_rest(float64):
     norm = model.layers[2]
     assert isinstance(norm, L.LayerNormalization)
     assert [v.path for v in recorder.unsupported()] == [v.path for v in norm.trainable_variables]
+
+
+def test_clars_model_fit_steps_are_the_same_with_ghost_rules_and_the_reference(float64):
+    shape, layers = MODELS[0][1:]  # Dense with BatchNorm
+    _, x, y = _model_and_batch(shape, layers, n=12)
+    runs = {}
+    for method in ("auto", "vmap"):
+        inner, _, _ = _model_and_batch(shape, layers, n=12)
+        model = CLARSModel(inner, method=method)
+        optimizer = CLARS(learning_rate=0.5, weight_decay=1e-3, chunk_size=5)
+        model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+        model.fit(x, y, batch_size=6, epochs=2, shuffle=False, verbose=0)
+        runs[method] = ([v.numpy() for v in model.variables], optimizer.grad_norm_means.numpy())
+    for got, expected in zip(runs["auto"][0], runs["vmap"][0]):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(runs["auto"][1], runs["vmap"][1], rtol=1e-10)
+    assert CLARSModel.from_config(CLARSModel(_model_and_batch(shape, layers)[0], method="vmap").get_config()).method == "vmap"
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'vmap'; got 'ghost'"):
+        CLARSModel(_model_and_batch(shape, layers)[0], method="ghost")

@@ -129,5 +129,5 @@ def test_clars_forward_backward_matches_clars_fed_vmap_norms_over_steps():
 
 def test_bad_method_is_refused():
     model, x, y = _model_and_batch(MODELS[0][1], (5,))
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match=r"method must be one of 'auto', 'vmap'; got 'ghost'"):
         per_example_grad_norm_sums(model, F.cross_entropy, x, y, list(model.parameters()), method="ghost")
