@@ -288,37 +288,57 @@ def _linear_squared_norms(activation: torch.Tensor, grad: torch.Tensor) -> tuple
     return _gram_or_product(a, g.transpose(1, 2)), g.sum(1).square().sum(1)
 
 
-def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``(B, L, C_in * prod(kernel))``: the input patch each output position of the convolution sees."""
-    spatial = x.dim() - 2
+def _conv_input_and_padding(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input with any padding the layer pads itself applied, and the zero padding left for the convolution."""
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        # the padding the layer applies itself ("same", "valid", or a non-zero padding mode)
+        # "same", "valid", or a non-zero padding mode: pad as the layer does, then convolve unpadded
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-    elif any(module.padding):
-        x = F.pad(x, [side for p in reversed(module.padding) for side in (p, p)])
-    for axis, (k, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-        x = x.unfold(2 + axis, dilation * (k - 1) + 1, stride)
-        if dilation > 1:
-            x = x[..., ::dilation]
-    # (B, C, L_1..L_d, K_1..K_d) -> (B, L_1..L_d, C, K_1..K_d) -> (B, L, C*K), one copy
-    order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
-    return x.permute(order).reshape(x.shape[0], -1, module.in_channels * math.prod(module.kernel_size))
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
+    return x, tuple(module.padding)
+
+
+def _conv_patches(module: nn.Module, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+    """``(B, C_in * prod(kernel), L)``: the input patch each output position of the convolution sees."""
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if x.dim() == 3:
+        x = x.unsqueeze(2)
+        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
 
 
 def _conv_squared_norms(module: nn.Module, activation: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram form on unfolded patches when the output is small, else the per-example kernel gradients.
+
+    The per-example kernel gradients of a slice of ``b`` examples are one
+    weight-gradient convolution with the examples as ``b * groups`` groups
+    (torch's own convolution backward), squared and summed at once.
+    """
     batch, groups = activation.shape[0], module.groups
     g = grad.reshape(batch, grad.shape[1], -1)  # (B, C_out, L)
     positions, out_rows = g.shape[-1], module.out_channels // groups
     rows = module.in_channels // groups * math.prod(module.kernel_size)
+    x, padding = _conv_input_and_padding(module, activation)
     weight = activation.new_zeros(batch)
-    for part in _slices(batch, groups * positions * (positions + rows)):
-        a = _conv_patches(module, activation[part])  # (b, L, C_in*K); channel-major, so groups split the columns
-        b = a.shape[0]
-        if groups > 1:
-            a = a.reshape(b, positions, groups, rows).transpose(1, 2).reshape(b * groups, positions, rows)
-        gg = g[part].reshape(b * groups, out_rows, positions)
-        weight[part] = _gram_or_product(a, gg).reshape(b, groups).sum(1)
+    gram = positions * positions * (rows + out_rows) <= positions * rows * out_rows
+    per_example = groups * (positions * positions + positions * rows) if gram else module.weight.numel()
+    for part in _slices(batch, per_example):
+        xs, gs = x[part], grad[part]
+        b = xs.shape[0]
+        if gram:
+            a = _conv_patches(module, xs, padding)  # (b, C_in*K, L); channel-major, so groups split the rows
+            a = a.reshape(b * groups, rows, positions).transpose(1, 2)
+            weight[part] = _gram_or_product(a, g[part].reshape(b * groups, out_rows, positions)).reshape(b, groups).sum(1)
+            continue
+        spatial = xs.shape[2:]
+        kernel_shape = (b * module.out_channels, module.in_channels // groups, *module.kernel_size)
+        per_example_kernels = torch.ops.aten.convolution_backward(
+            gs.reshape(1, b * module.out_channels, *gs.shape[2:]),
+            xs.reshape(1, b * module.in_channels, *spatial),
+            module.weight.detach().expand(b, *module.weight.shape).reshape(kernel_shape),
+            None, list(module.stride), list(padding), list(module.dilation), False, [0] * len(spatial),
+            b * groups, [False, True, False],
+        )[1]
+        weight[part] = per_example_kernels.reshape(b, -1).square().sum(1)
     return weight, g.sum(2).square().sum(1)
 
 
