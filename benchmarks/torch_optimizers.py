@@ -15,8 +15,10 @@ LARS / LARC against ``torch.optim.SGD(momentum=0.9, weight_decay=1e-4)``
 
 Part 2 times one training step (forward, backward, optimizer step) of a small
 1-D CNN with BatchNorm at batch 128 with LARS, and with CLARS measuring
-per-example norms exactly (``torch.func.vmap``) or with ``microbatch:8``, and
-prints the overhead against LARS.
+per-example norms exactly (``add_grad_norms``: ghost-norm rules in a separate
+pass) or with ``microbatch:8``, and prints the overhead against LARS
+(``benchmarks/clars_step_time.py`` compares every way of measuring them, in
+both frameworks).
 
 Times are the process's CPU time per step by default (``--clock process``):
 with one intra-op thread that equals the wall time on an idle machine and

@@ -160,10 +160,11 @@ def main() -> int:
             index = torch.from_numpy(indices)
             x, y = x_train[index], y_train[index]
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            if args.optimizer == "clars":  # CLARS divides by the mean per-example gradient norm
-                optimizer.add_grad_norms(model, F.cross_entropy, x, y)
+            if args.optimizer == "clars":  # the training pass, and the per-example gradient norms CLARS divides by
+                loss = optimizer.forward_backward(model, F.cross_entropy, x, y)
+            else:
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item()

@@ -53,6 +53,9 @@ NONFINITE_POLICIES = ("skip", "raise")
 #: Estimators of the CLARS per-example gradient norm mean: ``"exact"`` or
 #: ``"microbatch:k"`` with a positive integer ``k``.
 CLARS_ESTIMATORS = ("exact", "microbatch:k")
+#: How the ``exact`` estimator measures: ghost-norm rules where a layer has one (the rest by
+#: vmap / vectorized_map), or the vmap / vectorized_map reference path for every tensor.
+EXACT_NORM_METHODS = ("auto", "vmap")
 
 #: Default exclusion rule: a tensor is excluded when ``ndim <= 1`` or its full
 #: path matches one of these (case-insensitive). ``bn`` must start a name

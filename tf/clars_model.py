@@ -12,7 +12,9 @@ averaged gradients cannot compute. Wrap the model and ``fit`` as usual::
 Each step does Keras's ordinary training step (forward in training mode,
 loss, gradients, metrics) and, before the update, the estimator chosen on
 the optimizer (``CLARS(estimator="exact" | "microbatch:k", chunk_size=...)``)
-on this worker's batch; when the optimizer is wrapped in
+on this worker's batch (``exact``: ghost-norm rules for ``Dense``, ``Conv1D``,
+``Conv2D`` and BatchNorm variables, the ``vectorized_map`` path for the rest,
+see :mod:`hvd_largebatch.tf.per_example_norms`); when the optimizer is wrapped in
 :class:`~hvd_largebatch.tf.DistributedOptimizer`, one allreduce sums the
 norm sums and counts of all ranks, so ``s`` is the mean over the global batch.
 
@@ -41,10 +43,11 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from hvd_largebatch import config
 from hvd_largebatch.tf import horovod_backend
 from hvd_largebatch.tf.distributed import find_distributed_optimizer, innermost_optimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS
-from hvd_largebatch.tf.per_example_norms import per_example_grad_norm_sums
+from hvd_largebatch.tf.per_example_norms import exact_norm_sums_by_rules, per_example_grad_norm_sums
 
 __all__ = ["CLARSModel", "batch_norm_layers"]
 
@@ -72,6 +75,9 @@ class CLARSModel(keras.Model):
 
     Args:
         model: a built single-output Keras model.
+        method: how ``estimator="exact"`` measures: ``"auto"`` (ghost-norm
+            rules where a layer has one, ``vectorized_map`` for the rest) or
+            ``"vmap"`` (the ``vectorized_map`` reference for every variable).
         **kwargs: ``keras.Model`` arguments (``name``, ...).
 
     Raises:
@@ -92,11 +98,13 @@ class CLARSModel(keras.Model):
         ['loss']
     """
 
-    def __init__(self, model: keras.Model, **kwargs: Any):
+    def __init__(self, model: keras.Model, method: str = "auto", **kwargs: Any):
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model, got {model!r}")
+        method = config.check_choice("method", method, config.EXACT_NORM_METHODS)
         super().__init__(**kwargs)
         self.inner_model = model
+        self.method = method
 
     def call(self, inputs, training=None):
         return self.inner_model(inputs, training=training)
@@ -119,21 +127,25 @@ class CLARSModel(keras.Model):
         return inner
 
     def _per_example_loss(self):
+        """``(loss_of_outputs, loss_of_batch)``: the mean loss from outputs, and from inputs (inference mode)."""
         loss = self.loss
         if isinstance(loss, (dict, list, tuple)) or loss is None:
             raise ValueError(f"CLARSModel needs one loss for one output in compile(), got loss={loss!r}")
         loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
 
-        def loss_of_batch(x, y):
-            value = loss_fn(y, self(x, training=False))
+        def loss_of_outputs(y, y_pred):
+            value = loss_fn(y, y_pred)
             return ops.mean(value) if len(value.shape) else value
 
-        return loss_of_batch
+        def loss_of_batch(x, y):
+            return loss_of_outputs(y, self(x, training=False))
+
+        return loss_of_outputs, loss_of_batch
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         clars = self._clars_optimizer()
-        loss_of_batch = self._per_example_loss()
+        loss_of_outputs, loss_of_batch = self._per_example_loss()
         norm_layers = batch_norm_layers(self.inner_model)
         for layer in norm_layers:
             if layer.renorm:
@@ -159,9 +171,12 @@ class CLARSModel(keras.Model):
             self.optimizer.build(variables)
 
         # 2. Per-example norms (inference mode: BN uses the batch statistics just stored).
-        sums, count = per_example_grad_norm_sums(
-            loss_of_batch, variables, x, y, estimator=clars.estimator, chunk_size=clars.chunk_size
-        )
+        if clars.estimator == "exact" and self.method == "auto" and tf.is_tensor(x):
+            sums, count = exact_norm_sums_by_rules(self.inner_model, loss_of_outputs, variables, x, y, clars.chunk_size)
+        else:
+            sums, count = per_example_grad_norm_sums(
+                loss_of_batch, variables, x, y, estimator=clars.estimator, chunk_size=clars.chunk_size
+            )
         if find_distributed_optimizer(self.optimizer) is not None:
             hvd = horovod_backend.initialized_horovod()
             total = hvd.allreduce(tf.concat([sums, tf.reshape(count, (1,))], 0), op=hvd.Sum, name="clars_norm_sums")
@@ -185,7 +200,12 @@ class CLARSModel(keras.Model):
 
     # ---------------------------------------------------------- serialisation
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "trainable": self.trainable, "model": keras.saving.serialize_keras_object(self.inner_model)}
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "method": self.method,
+            "model": keras.saving.serialize_keras_object(self.inner_model),
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects=None) -> CLARSModel:

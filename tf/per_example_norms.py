@@ -6,10 +6,17 @@ the global batch of the per-example gradient norms,
 the norms over its local examples and their count; one small allreduce
 (``n_tensors + 1`` numbers) then gives the global mean.
 
-* ``exact``: true per-example gradients, ``tf.vectorized_map`` of a
-  one-example gradient over chunks of ``chunk_size`` examples (a
-  ``tf.while_loop`` over the chunks), so that at most ``chunk_size``
-  per-example gradients exist at once;
+* ``exact``: the norms of the true per-example gradients. With a model at
+  hand (:func:`exact_norm_sums_by_rules`, used by :class:`~hvd_largebatch.tf.CLARSModel`)
+  the variables of ``Dense``, ``Conv1D``, ``Conv2D`` and BatchNorm layers are
+  measured from activations and output gradients without forming
+  per-example gradients (:mod:`hvd_largebatch.tf.ghost_norms`: one forward
+  and one backward pass over the batch); every other variable, and every
+  variable in :func:`exact_norm_sums`, by the reference path:
+  ``tf.vectorized_map`` of a one-example gradient over chunks of
+  ``chunk_size`` examples (a ``tf.while_loop`` over the chunks), so that at
+  most ``chunk_size`` per-example gradients exist at once. Both give the
+  same numbers to rounding (tested in float64);
 * ``microbatch:k``: the batch split into ``k`` contiguous micro-batches
   (sizes as ``numpy.array_split``); each contributes the norm of its
   mean-loss gradient, and ``s`` is the mean of these ``k`` norms. With
@@ -28,10 +35,12 @@ from typing import Any
 import tensorflow as tf
 
 from hvd_largebatch import config
+from hvd_largebatch.tf.ghost_norms import GhostRecorder
 
-__all__ = ["per_example_grad_norm_sums", "norm_dtype"]
+__all__ = ["per_example_grad_norm_sums", "exact_norm_sums_by_rules", "norm_dtype"]
 
 LossOfBatch = Callable[[Any, Any], Any]
+LossOfOutputs = Callable[[Any, Any], Any]
 
 
 def norm_dtype(variables: Sequence[Any]) -> tf.DType:
@@ -86,6 +95,42 @@ def exact_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any
         (tf.constant(0, tf.int32), tf.zeros((len(variables),), dtype=dtype)),
     )
     return total, tf.cast(batch, dtype)
+
+
+def exact_norm_sums_by_rules(
+    model: Any, loss_of_outputs: LossOfOutputs, variables: Sequence[Any], x: Any, y: Any, chunk_size: int
+):
+    """As :func:`exact_norm_sums`, with ghost-norm rules for the layers that have one.
+
+    Args:
+        model: the Keras model, run as ``model(x, training=False)``.
+        loss_of_outputs: ``(y_true, y_pred) -> scalar``, the mean loss over
+            the examples given; the per-example loss is its value on one example.
+        variables, x, y, chunk_size: as :func:`exact_norm_sums` (``x`` a tensor).
+
+    Returns:
+        ``(sums, B)`` as :func:`exact_norm_sums`.
+    """
+    dtype = norm_dtype(variables)
+    recorder = GhostRecorder(model, variables)
+    with tf.GradientTape() as tape:
+        with recorder:
+            y_pred = model(x, training=False)
+        one = lambda example: loss_of_outputs(example[0][None], example[1][None])  # noqa: E731
+        objective = tf.reduce_sum(tf.vectorized_map(one, (y, y_pred)))
+    outputs = recorder.outputs()
+    squared = recorder.squared_norms(tape.gradient(objective, outputs) if outputs else [])
+    rest = recorder.unsupported()
+    rest_sums = {}
+    if rest:
+        loss_of_batch = lambda xb, yb: loss_of_outputs(yb, model(xb, training=False))  # noqa: E731
+        totals, _ = exact_norm_sums(loss_of_batch, rest, x, y, chunk_size)
+        rest_sums = {id(v): totals[index] for index, v in enumerate(rest)}
+    sums = [
+        rest_sums[id(v)] if id(v) in rest_sums else tf.reduce_sum(tf.sqrt(tf.maximum(tf.cast(squared[id(v)], dtype), 0)))
+        for v in variables
+    ]
+    return tf.stack(sums), tf.cast(_batch_size(x), dtype)
 
 
 def microbatch_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any, y: Any, microbatches: int):

@@ -48,7 +48,11 @@ from hvd_largebatch.torch_impl.momentum_functional import momentum_update
 from hvd_largebatch.torch_impl.noise_scale import NoiseScaleMonitor
 from hvd_largebatch.torch_impl.optimizer_base import LargeBatchOptimizer
 from hvd_largebatch.torch_impl.optimizer_factory import create_optimizer
-from hvd_largebatch.torch_impl.per_example_norms import per_example_grad_norm_sums, per_example_grad_norms
+from hvd_largebatch.torch_impl.per_example_norms import (
+    loss_and_grad_norm_sums,
+    per_example_grad_norm_sums,
+    per_example_grad_norms,
+)
 from hvd_largebatch.torch_impl.sgd import SGD
 from hvd_largebatch.torch_impl.warmup_scheduler import GradualWarmupScheduler
 
@@ -68,6 +72,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "per_example_grad_norms",
+    "loss_and_grad_norm_sums",
     "per_example_grad_norm_sums",
     "ConAdv",
     "lookahead",

@@ -10,7 +10,7 @@ import torch
 from hvd_largebatch import config
 from hvd_largebatch.torch_impl.momentum_optimizer import MomentumOptimizer
 from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, GroupWork
-from hvd_largebatch.torch_impl.per_example_norms import LossFn, per_example_grad_norm_sums
+from hvd_largebatch.torch_impl.per_example_norms import LossFn, loss_and_grad_norm_sums, per_example_grad_norm_sums
 
 __all__ = ["CLARS"]
 
@@ -44,11 +44,19 @@ class CLARS(MomentumOptimizer):
     so every rank must call ``add_grad_norms`` the same number of times.
     ``zero_grad()`` drops norms that no ``step()`` used (a step skipped by
     ``torch.amp.GradScaler``). Alternatively pass ready global means with :meth:`set_grad_norms`.
+    Cheaper still, let the optimizer run the training pass itself, so the
+    norms reuse its forward pass and activations::
 
-    Cost: ``estimator="exact"`` costs about B single-example backward passes
-    (vectorised with ``torch.func.vmap``) and ``chunk_size`` x the adapted
-    parameters in memory; ``"microbatch:k"`` costs ``k`` extra
-    forward/backward passes. BatchNorm layers are held at the batch's
+        loss = opt.forward_backward(model, loss_fn, x, y)   # forward, backward, norms
+        opt.step()
+
+    Cost: ``estimator="exact"`` computes the norms of ``Linear``,
+    ``Conv1d``, ``Conv2d`` and BatchNorm parameters from activations and
+    output gradients (one extra forward and one activation-only backward
+    pass with ``add_grad_norms``; only the backward with
+    ``forward_backward``) and the others with ``torch.func.vmap`` (about B
+    single-example backward passes, ``chunk_size`` x those parameters in
+    memory); ``"microbatch:k"`` costs ``k`` extra forward/backward passes. BatchNorm layers are held at the batch's
     statistics for the per-example gradients (see
     :mod:`hvd_largebatch.torch_impl.per_example_norms`).
 
@@ -145,6 +153,38 @@ class CLARS(MomentumOptimizer):
         sums, count = per_example_grad_norm_sums(
             model, loss_fn, inputs, targets, params, estimator=group["estimator"], chunk_size=group["chunk_size"]
         )
+        self._add_pending(sums, count)
+
+    def forward_backward(self, model: torch.nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training pass of one batch with its per-example norms: ``loss_fn(model(inputs), targets).backward()``.
+
+        Gradients accumulate into ``.grad`` exactly as that line would leave
+        them (BatchNorm running statistics too); the per-example norm sums of
+        the batch are added to the pending sums as :meth:`add_grad_norms`
+        does, reusing the forward pass (see
+        :func:`~hvd_largebatch.torch_impl.per_example_norms.loss_and_grad_norm_sums`).
+
+        Args:
+            model: the module whose parameters this optimizer holds.
+            loss_fn: ``loss_fn(model(inputs), targets)`` -> mean loss.
+            inputs, targets: the batch.
+
+        Returns:
+            The training loss, detached.
+        """
+        params = self._adapted_params()
+        if not params:
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            return loss.detach()
+        group = self.param_groups[0]
+        loss, sums, count = loss_and_grad_norm_sums(
+            model, loss_fn, inputs, targets, params, estimator=group["estimator"], chunk_size=group["chunk_size"]
+        )
+        self._add_pending(sums, count)
+        return loss
+
+    def _add_pending(self, sums: torch.Tensor, count: int) -> None:
         if self._pending_sums is None:
             self._pending_sums, self._pending_count = sums, count
         else:

@@ -10,13 +10,23 @@ the count.
 
 Estimators (ALGORITHMS.md, "CLARS"; this reading of the paper is ours):
 
-* ``"exact"``: true per-example gradients, ``torch.func.vmap`` over
-  ``torch.func.grad`` of the one-example loss, evaluated ``chunk_size``
-  examples at a time. Cost: about B single-example backward passes,
-  vectorised; peak extra memory about ``chunk_size`` x the size of the
-  adapted parameters (one gradient copy per example in the chunk), plus
-  activations of ``chunk_size`` examples. Measured by
-  ``benchmarks/torch_optimizers.py``.
+* ``"exact"``: the norms of the true per-example gradients. For the
+  parameters of ``Linear``, ``Conv1d``, ``Conv2d`` and affine BatchNorm
+  layers they come from activations and output gradients without forming
+  per-example gradients (:mod:`.ghost_norms`): one forward and one
+  activation-only backward pass over the batch. Every other parameter (a
+  layer without a rule, a layer run twice, a shared tensor) is measured by
+  the reference path, ``torch.func.vmap`` over ``torch.func.grad`` of the
+  one-example loss, ``chunk_size`` examples at a time (about B vectorised
+  single-example backward passes; peak extra memory about ``chunk_size`` x
+  the size of those parameters). ``method="vmap"`` measures everything
+  with the reference path. Both give the same numbers to rounding (tested
+  in float64). The ghost path assumes that examples meet only in BatchNorm
+  layers (true of ordinary networks; a layer that mixes examples otherwise
+  is handled by neither path as a per-example computation).
+  :func:`loss_and_grad_norm_sums` also takes the forward pass and
+  activations from the training step itself. Measured by
+  ``benchmarks/clars_step_time.py``.
 * ``"microbatch:k"``: the local batch cut into ``k`` micro-batches (sizes
   differ by at most one) and ``s`` the mean of the micro-batch gradient
   norms: ``k`` ordinary forward/backward passes of ``B/k`` examples. With
@@ -30,8 +40,9 @@ mean and (biased) variance of the whole local batch, the values the training
 forward normalises with: a first no-grad forward pass over the batch (on
 copies of the buffers, so the running statistics are not updated twice)
 records them, and the per-example passes run those layers in evaluation mode
-with the recorded statistics in place of the running ones. The per-example
-gradient is then the gradient of example ``i``'s loss with the batch
+with the recorded statistics in place of the running ones (the ghost path
+obtains the same by cutting the gradient through the statistics, see
+:mod:`.ghost_norms`). The per-example gradient is then the gradient of example ``i``'s loss with the batch
 statistics treated as constants; the model's modes and buffers are restored
 afterwards. Dropout draws independent masks per example (``vmap`` with
 ``randomness="different"``).
@@ -46,8 +57,14 @@ import torch
 from torch.func import functional_call
 
 from hvd_largebatch import config
+from hvd_largebatch.torch_impl.ghost_norms import GhostRecorder
 
-__all__ = ["per_example_grad_norm_sums", "per_example_grad_norms", "batch_norm_frozen_at_batch_statistics"]
+__all__ = [
+    "per_example_grad_norm_sums",
+    "per_example_grad_norms",
+    "loss_and_grad_norm_sums",
+    "batch_norm_frozen_at_batch_statistics",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -122,6 +139,7 @@ def per_example_grad_norm_sums(
     *,
     estimator: str = "exact",
     chunk_size: int = 32,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, int]:
     """This worker's per-tensor sums of per-example (or per-micro-batch) gradient norms.
 
@@ -132,7 +150,10 @@ def per_example_grad_norm_sums(
         inputs, targets: the local batch (examples on dimension 0).
         params: parameters of ``model`` to measure (CLARS: the adapted ones).
         estimator: ``"exact"`` or ``"microbatch:k"``.
-        chunk_size: ``exact`` only: examples whose gradients are held at once.
+        chunk_size: ``exact`` only: examples whose gradients the vmap path holds at once.
+        method: ``exact`` only: ``"auto"`` (ghost-norm rules where a layer
+            has one, the vmap path for the rest) or ``"vmap"`` (the reference
+            path for every tensor).
 
     Returns:
         ``(sums, count)``: float64 sums over this worker's examples (or
@@ -140,22 +161,24 @@ def per_example_grad_norm_sums(
         and the number of terms; ``sums / count`` is the local ``s``.
 
     Raises:
-        ValueError: naming ``estimator``, ``chunk_size``, ``params``,
-            ``inputs`` or ``targets``.
+        ValueError: naming ``estimator``, ``chunk_size``, ``method``,
+            ``params``, ``inputs`` or ``targets``.
     """
     kind, microbatches = config.parse_estimator(estimator)
     chunk_size = config.check_positive_int("chunk_size", chunk_size)
+    _check_method(method)
     params = list(params)
     if not params:
         raise ValueError("params must hold at least one parameter of model")
     names = _parameter_names(model, params)
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must be a tensor with a non-empty batch dimension, got {type(inputs).__name__}")
-    if not isinstance(targets, torch.Tensor) or targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
-        raise ValueError("targets must be a tensor with the same batch size as inputs")
+    _check_batch(inputs, targets)
     batch = inputs.shape[0]
     if kind == "microbatch" and microbatches > batch:
         raise ValueError(f"estimator {estimator!r} needs k <= the local batch size {batch}")
+    if kind == "exact" and method == "auto":
+        with torch.enable_grad():
+            norms = _ghost_or_reference_norms(model, loss_fn, inputs, targets, params, names, chunk_size, None)
+        return norms.to(torch.float64).sum(0), batch
     detached = {name: p.detach() for name, p in zip(names, params)}
     selected = set(names)
     # the other parameters enter as constants, so no graph reaches the model's own tensors
@@ -167,6 +190,117 @@ def per_example_grad_norm_sums(
             return per_example.detach().to(torch.float64).sum(0), batch
         sums = _microbatch_norm_sums(model, loss_fn, inputs, targets, detached, overrides, microbatches)
         return sums.detach(), microbatches
+
+
+def _check_method(method: str) -> None:
+    config.check_choice("method", method, config.EXACT_NORM_METHODS)
+
+
+def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must be a tensor with a non-empty batch dimension, got {type(inputs).__name__}")
+    if not isinstance(targets, torch.Tensor) or targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+        raise ValueError("targets must be a tensor with the same batch size as inputs")
+
+
+def _sum_of_example_losses(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``sum_i loss_fn(outputs[i:i+1], targets[i:i+1])``: the objective whose gradient at example i is f_i's."""
+    one = lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))  # noqa: E731
+    return torch.func.vmap(one)(outputs, targets).sum()
+
+
+def _reference_norms(model, loss_fn, inputs, targets, params, names, chunk_size) -> torch.Tensor:
+    """``(B, len(params))`` per-example norms by the vmap reference path (BatchNorm at batch statistics)."""
+    detached = {name: p.detach() for name, p in zip(names, params)}
+    selected = set(names)
+    constants = {name: p.detach() for name, p in model.named_parameters() if name not in selected}
+    with batch_norm_frozen_at_batch_statistics(model, inputs) as frozen:
+        return _exact_norms(model, loss_fn, inputs, targets, detached, {**constants, **frozen}, chunk_size).detach()
+
+
+def _ghost_or_reference_norms(model, loss_fn, inputs, targets, params, names, chunk_size, training) -> torch.Tensor:
+    """``(B, len(params))`` per-example norms: ghost rules where they apply, the vmap path for the rest.
+
+    ``training`` is ``None`` for a separate measuring pass (on copies of the
+    buffers, so running statistics are not updated), or ``(loss_holder,)``,
+    a one-element list, to run the training forward on the model itself,
+    back-propagate the training loss into ``.grad`` and leave it in
+    ``loss_holder[0]``.
+    """
+    recorder = GhostRecorder(model, params)
+    with recorder:
+        if training is None:
+            buffer_copies = {name: b.clone() for name, b in model.named_buffers()}
+            outputs = functional_call(model, buffer_copies, (inputs,))
+        else:
+            outputs = model(inputs)
+    objective = _sum_of_example_losses(loss_fn, outputs, targets)
+    grads = recorder.output_gradients(objective, retain_graph=training is not None)
+    if training is not None:
+        loss = loss_fn(outputs, targets)
+        loss.backward()
+        training[0] = loss.detach()
+    squared = recorder.squared_norms(grads)
+    batch = inputs.shape[0]
+    columns: list[torch.Tensor | None] = [
+        squared[id(p)].clamp_min(0).sqrt() if id(p) in squared else None for p in params
+    ]
+    rest = [index for index, column in enumerate(columns) if column is None]
+    if rest:
+        reference = _reference_norms(
+            model, loss_fn, inputs, targets, [params[i] for i in rest], [names[i] for i in rest], chunk_size
+        )
+        for position, index in enumerate(rest):
+            columns[index] = reference[:, position]
+    return torch.stack([c.to(params[0].dtype).reshape(batch) for c in columns], 1)
+
+
+def loss_and_grad_norm_sums(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    estimator: str = "exact",
+    chunk_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The training step's forward and backward pass, and this worker's per-example norm sums, together.
+
+    Runs ``loss = loss_fn(model(inputs), targets)`` in the model's current
+    mode, ``loss.backward()`` (gradients accumulate into ``.grad`` as
+    usual, Horovod hooks fire as usual), and measures the per-example norms
+    of ``params`` as :func:`per_example_grad_norm_sums` does. With
+    ``estimator="exact"`` the ghost rules reuse the training forward's
+    activations, so the extra cost is one activation-only backward pass
+    (plus the vmap path for tensors without a rule); with
+    ``"microbatch:k"`` it is the ``k`` micro-batch passes.
+
+    Returns:
+        ``(loss, sums, count)``: the detached training loss and the sums and
+        count of :func:`per_example_grad_norm_sums`.
+
+    Raises:
+        ValueError: as :func:`per_example_grad_norm_sums`.
+    """
+    kind, _ = config.parse_estimator(estimator)
+    chunk_size = config.check_positive_int("chunk_size", chunk_size)
+    params = list(params)
+    if not params:
+        raise ValueError("params must hold at least one parameter of model")
+    names = _parameter_names(model, params)
+    _check_batch(inputs, targets)
+    if kind != "exact":
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        sums, count = per_example_grad_norm_sums(
+            model, loss_fn, inputs, targets, params, estimator=estimator, chunk_size=chunk_size
+        )
+        return loss.detach(), sums, count
+    holder: list[torch.Tensor | None] = [None]
+    with torch.enable_grad():
+        norms = _ghost_or_reference_norms(model, loss_fn, inputs, targets, params, names, chunk_size, holder)
+    return holder[0], norms.to(torch.float64).sum(0), inputs.shape[0]
 
 
 def _exact_norms(model, loss_fn, inputs, targets, params, overrides, chunk_size) -> torch.Tensor:
@@ -210,11 +344,12 @@ def per_example_grad_norms(
     estimator: str = "exact",
     chunk_size: int = 32,
     average_across_workers: bool = True,
+    method: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """The CLARS ``s`` of each parameter: mean per-example gradient norm over the (global) batch.
 
     Args:
-        model, loss_fn, inputs, targets, estimator, chunk_size: as
+        model, loss_fn, inputs, targets, estimator, chunk_size, method: as
             :func:`per_example_grad_norm_sums`.
         params: the parameters to measure; default all of ``model``'s
             parameters that require a gradient.
@@ -240,7 +375,7 @@ def per_example_grad_norms(
         params = [p for p in model.parameters() if p.requires_grad]
     names = _parameter_names(model, params)
     sums, count = per_example_grad_norm_sums(
-        model, loss_fn, inputs, targets, params, estimator=estimator, chunk_size=chunk_size
+        model, loss_fn, inputs, targets, params, estimator=estimator, chunk_size=chunk_size, method=method
     )
     totals = torch.cat([sums, sums.new_tensor([float(count)])])
     if average_across_workers:

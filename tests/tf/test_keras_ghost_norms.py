@@ -1,0 +1,124 @@
+"""Keras ghost-norm per-example gradient norms equal the vectorized_map reference in float64."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hvd_largebatch.tf import CLARS, CLARSModel
+from hvd_largebatch.tf.ghost_norms import GhostRecorder
+from hvd_largebatch.tf.per_example_norms import exact_norm_sums, exact_norm_sums_by_rules
+
+L = keras.layers
+
+
+def LOSS(y_true, y_pred):
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=y_pred.dtype)(y_true, y_pred)
+
+
+def _bn(name):
+    return L.BatchNormalization(momentum=0.5, name=name)
+
+
+# (id, example shape, layers between the input and the 3-way Dense head)
+MODELS = [
+    ("dense-bias-bn", (5,), lambda: [L.Dense(7), _bn("bn1"), L.Activation("relu")]),
+    ("dense-nobias", (5,), lambda: [L.Dense(7, use_bias=False, activation="tanh")]),
+    ("dense-seq-gram", (2, 8), lambda: [L.Dense(8, activation="tanh"), L.Flatten()]),
+    ("dense-seq-product", (3, 4), lambda: [L.Dense(6, activation="tanh"), L.Flatten()]),
+    ("conv1d-bn", (16, 2), lambda: [
+        L.Conv1D(4, 3, strides=2, padding="same"), _bn("bn1"), L.Activation("relu"),
+        L.Conv1D(6, 3, dilation_rate=2, use_bias=False), _bn("bn2"), L.Activation("relu"),
+        L.Conv1D(4, 3, padding="causal", activation="tanh"), L.Flatten()]),
+    ("conv1d-nobias-gram", (4, 8), lambda: [L.Conv1D(8, 2, strides=2, use_bias=False, activation="relu"), L.Flatten()]),
+    ("conv2d-bn", (8, 9, 2), lambda: [
+        L.Conv2D(4, 3, padding="same"), _bn("bn1"), L.Activation("relu"),
+        L.Conv2D(4, (3, 2), strides=2, use_bias=False), _bn("bn2"), L.Activation("relu"),
+        L.Conv2D(6, 3, padding="same", dilation_rate=(1, 2)), L.Flatten()]),
+    # TensorFlow's vectorized_map cannot differentiate grouped convolutions: these compare with a loop only
+    ("conv-groups", (6, 5, 4), lambda: [
+        L.Conv2D(6, 3, groups=2, activation="relu"), L.Reshape((12, 6)), L.Conv1D(4, 3, groups=2, use_bias=False),
+        L.Flatten()]),
+    ("layernorm-falls-back", (5,), lambda: [L.Dense(7), L.LayerNormalization(), L.Activation("relu")]),
+]
+
+
+def _model_and_batch(shape, layers, n=9):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape)
+    x = inputs
+    for layer in layers():
+        x = layer(x)
+    model = keras.Model(inputs, L.Dense(3, name="head")(x))
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, *shape))
+    # BatchNorm at this batch's statistics, as CLARSModel leaves it for the per-example pass
+    model(x, training=True)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            layer.momentum = 0.0
+    model(x, training=True)
+    return model, tf.constant(x), tf.constant(rng.integers(0, 3, size=n))
+
+
+def _reference(model, x, y):
+    return exact_norm_sums(lambda xb, yb: LOSS(yb, model(xb, training=False)), model.trainable_variables, x, y, 4)
+
+
+def _looped(model, x, y):
+    """Sum over examples of each variable's gradient norm, one tape per example."""
+    total = 0.0
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y[i : i + 1], model(x[i : i + 1], training=False))
+        total = total + np.array([np.linalg.norm(g.numpy()) for g in tape.gradient(loss, model.trainable_variables)])
+    return total
+
+
+CASES = [(*m, True) for m in MODELS] + [(*m, False) for m in MODELS if m[0] == "conv2d-bn"]
+
+
+@pytest.mark.parametrize("name,shape,layers,graph", CASES, ids=[f"{c[0]}-{'graph' if c[3] else 'eager'}" for c in CASES])
+def test_ghost_norms_equal_the_vectorized_map_reference(float64, name, shape, layers, graph):
+    model, x, y = _model_and_batch(shape, layers)
+    variables = model.trainable_variables
+    ghost_fn = lambda x, y: exact_norm_sums_by_rules(model, LOSS, variables, x, y, 4)  # noqa: E731
+    ghost, count = (tf.function(ghost_fn) if graph else ghost_fn)(x, y)
+    assert float(count) == len(x)
+    np.testing.assert_allclose(ghost.numpy(), _looped(model, x, y), rtol=1e-10, atol=1e-12)
+    if name != "conv-groups":
+        reference, _ = (tf.function(_reference) if graph else _reference)(model, x, y)
+        np.testing.assert_allclose(ghost.numpy(), reference.numpy(), rtol=1e-10, atol=1e-12)
+    for layer in model.layers:  # the recorder leaves no wrapper behind
+        assert "call" not in layer.__dict__ and "_hvd_largebatch_activation" not in layer.__dict__
+
+
+def test_the_recorder_measures_rule_layers_and_names_the_rest(float64):
+    model, x, _ = _model_and_batch(*MODELS[-1][1:])  # Dense, LayerNormalization, Dense
+    recorder = GhostRecorder(model, model.trainable_variables)
+    with recorder:
+        model(x, training=False)
+    norm = model.layers[2]
+    assert isinstance(norm, L.LayerNormalization)
+    assert [v.path for v in recorder.unsupported()] == [v.path for v in norm.trainable_variables]
+
+
+def test_clars_model_fit_steps_are_the_same_with_ghost_rules_and_the_reference(float64):
+    shape, layers = MODELS[0][1:]  # Dense with BatchNorm
+    _, x, y = _model_and_batch(shape, layers, n=12)
+    runs = {}
+    for method in ("auto", "vmap"):
+        inner, _, _ = _model_and_batch(shape, layers, n=12)
+        model = CLARSModel(inner, method=method)
+        optimizer = CLARS(learning_rate=0.5, weight_decay=1e-3, chunk_size=5)
+        model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+        model.fit(x, y, batch_size=6, epochs=2, shuffle=False, verbose=0)
+        runs[method] = ([v.numpy() for v in model.variables], optimizer.grad_norm_means.numpy())
+    for got, expected in zip(runs["auto"][0], runs["vmap"][0]):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(runs["auto"][1], runs["vmap"][1], rtol=1e-10)
+    assert CLARSModel.from_config(CLARSModel(_model_and_batch(shape, layers)[0], method="vmap").get_config()).method == "vmap"
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'vmap'; got 'ghost'"):
+        CLARSModel(_model_and_batch(shape, layers)[0], method="ghost")

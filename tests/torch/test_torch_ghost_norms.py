@@ -1,0 +1,133 @@
+"""Ghost-norm per-example gradient norms equal the vmap reference in float64, alone and fused with the training pass."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hvd_largebatch.torch_impl import CLARS, loss_and_grad_norm_sums, per_example_grad_norm_sums, per_example_grad_norms
+from hvd_largebatch.torch_impl.ghost_norms import GhostRecorder
+
+
+class _TwiceUsed(nn.Module):
+    """A Linear layer applied twice (its per-example gradient sums two products: no rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class _OwnBatchNorm(nn.BatchNorm1d):
+    """A BatchNorm with its own forward: the recorder cannot cut its coupling, so everything falls back."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+# (id, model builder, example shape); every builder is seeded and float64
+MODELS = [
+    ("linear-bias-bn", lambda: nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3)), (5,)),
+    ("linear-nobias", lambda: nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3, bias=False)), (5,)),
+    # sequence inputs: (2, 8) takes the Gram form, (3, 4) the per-example product
+    ("linear-seq-gram", lambda: nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)), (2, 8)),
+    ("linear-seq-product", lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)), (3, 4)),
+    ("conv1d-bn", lambda: nn.Sequential(
+        nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.BatchNorm1d(4), nn.ReLU(),
+        nn.Conv1d(4, 6, 3, groups=2, dilation=2, bias=False), nn.BatchNorm1d(6), nn.ReLU(),
+        nn.Conv1d(6, 4, 3, padding="same", padding_mode="circular"), nn.Flatten(), nn.Linear(4 * 4, 3)), (2, 16)),
+    ("conv1d-nobias-gram", lambda: nn.Sequential(
+        nn.Conv1d(8, 8, 2, stride=2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2, 3)), (8, 4)),
+    ("conv2d-bn", lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, (3, 2), stride=2, padding="valid", bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding="same", padding_mode="reflect", dilation=(1, 2)), nn.Flatten(),
+        nn.Linear(5 * 3 * 4, 3)), (2, 8, 9)),
+    ("conv2d-nobias-groups", lambda: nn.Sequential(
+        nn.Conv2d(4, 6, 3, groups=2, padding=2, padding_mode="replicate", bias=False), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 7 * 7, 3)), (4, 5, 5)),
+    ("bn-eval-and-no-running-stats", lambda: nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4).eval(), nn.ReLU(), nn.Conv1d(4, 4, 3),
+        nn.BatchNorm1d(4, track_running_stats=False), nn.Flatten(), nn.Linear(4 * 4, 3)), (2, 8)),
+    ("layernorm-falls-back", lambda: nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.ReLU(), nn.Linear(7, 3)), (5,)),
+    ("twice-used-falls-back", _TwiceUsed, (6,)),
+    ("own-batchnorm-falls-back", lambda: nn.Sequential(nn.Linear(5, 7), _OwnBatchNorm(7), nn.ReLU(), nn.Linear(7, 3)), (5,)),
+]
+
+
+def _model_and_batch(build, shape, batch=9):
+    torch.manual_seed(0)
+    model = build().double()
+    torch.manual_seed(1)
+    return model, torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
+
+
+@pytest.mark.parametrize("build,shape", [m[1:] for m in MODELS], ids=[m[0] for m in MODELS])
+def test_ghost_norms_equal_the_vmap_reference_and_fused_training_pass_is_the_plain_one(build, shape):
+    model, x, y = _model_and_batch(build, shape)
+    params = list(model.parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    reference, count = per_example_grad_norm_sums(model, F.cross_entropy, x, y, params, method="vmap")
+    ghost, ghost_count = per_example_grad_norm_sums(model, F.cross_entropy, x, y, params, method="auto")
+    assert count == ghost_count == len(x)
+    torch.testing.assert_close(ghost, reference, rtol=1e-10, atol=1e-12)
+    for n, b in model.named_buffers():  # the measuring pass does not move running statistics
+        assert torch.equal(b, buffers[n]), n
+
+    plain = copy.deepcopy(model)
+    plain_loss = F.cross_entropy(plain(x), y)
+    plain_loss.backward()
+    loss, fused, fused_count = loss_and_grad_norm_sums(model, F.cross_entropy, x, y, params)
+    assert fused_count == len(x)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, plain_loss.detach(), rtol=1e-12, atol=0)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15, msg=name)
+    for (name, b), c in zip(model.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=0, msg=name)
+    assert all(isinstance(m, nn.Module) and "forward" not in m.__dict__ for m in model.modules())
+
+
+def test_the_recorder_measures_rule_layers_and_names_the_rest():
+    model, x, _ = _model_and_batch(MODELS[-3][1], (5,))  # Linear, LayerNorm, ReLU, Linear
+    with GhostRecorder(model, list(model.parameters())) as recorder:
+        model(x)
+    assert [id(p) for p in recorder.unsupported()] == [id(model[1].weight), id(model[1].bias)]
+    model, x, _ = _model_and_batch(_TwiceUsed, (6,))
+    with GhostRecorder(model, list(model.parameters())) as recorder:
+        model(x)
+    assert [id(p) for p in recorder.unsupported()] == [id(model.inner.weight), id(model.inner.bias)]
+
+
+def test_clars_forward_backward_matches_clars_fed_vmap_norms_over_steps():
+    build, shape = MODELS[4][1:]  # Conv1d with BatchNorm
+    model, x, y = _model_and_batch(build, shape, batch=8)
+    twin = copy.deepcopy(model)
+    fast = CLARS(model.named_parameters(), lr=0.5, weight_decay=1e-3)
+    slow = CLARS(twin.named_parameters(), lr=0.5, weight_decay=1e-3)
+    for step in range(3):
+        batch = torch.roll(x, step, 0), torch.roll(y, step, 0)
+        fast.zero_grad()
+        slow.zero_grad()
+        fast.forward_backward(model, F.cross_entropy, *batch)
+        F.cross_entropy(twin(batch[0]), batch[1]).backward()
+        slow.set_grad_norms(per_example_grad_norms(twin, F.cross_entropy, *batch, method="vmap"))
+        fast.step()
+        slow.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, b), c in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=0, msg=name)
+
+
+def test_bad_method_is_refused():
+    model, x, y = _model_and_batch(MODELS[0][1], (5,))
+    with pytest.raises(ValueError, match=r"method must be one of 'auto', 'vmap'; got 'ghost'"):
+        per_example_grad_norm_sums(model, F.cross_entropy, x, y, list(model.parameters()), method="ghost")

@@ -1,0 +1,257 @@
+"""Per-example gradient norms from activations and output gradients ("ghost norms"), in TensorFlow/Keras.
+
+The same identities as the PyTorch module of this name (ALGORITHMS.md,
+"CLARS"): for a layer whose pre-activation output ``z = a W (+ b)`` is linear
+in its parameters, example ``i``'s kernel gradient is ``a_i^T g_i`` with
+``g_i = d f_i / d z_i``, so
+
+* ``Dense`` (``a_i``: ``(T, d_in)``, ``g_i``: ``(T, d_out)``, ``T = 1`` for a
+  plain batch): ``||a_i^T g_i||^2 = sum_{t,s} (a_i a_i^T)_{ts} (g_i g_i^T)_{ts}``
+  (``||a_i||^2 ||g_i||^2`` when ``T = 1``); bias gradient ``sum_t g_i[t]``;
+* ``Conv1D``/``Conv2D``: the same on the input patches of every output
+  position (``tf.image.extract_patches``), per group; bias: ``g_i`` summed
+  over positions;
+* ``BatchNormalization`` in inference mode: ``gamma`` gradient
+  ``sum_positions g_i * xhat_i`` and ``beta`` gradient ``sum_positions g_i``
+  per channel.
+
+Each layer uses the cheaper exact form (the Gram form, ``~T^2 (d_in + d_out)``
+per example, or the per-example product for that one layer,
+``~T d_in d_out``). :class:`GhostRecorder` wraps, for the duration of one
+forward pass, each measured layer's ``call`` (to see its input) and its
+``activation`` (to see the pre-activation output ``z``), then one
+``tape.gradient`` gives every ``g``. Layers of other kinds, subclasses that
+override ``call``, LoRA or quantised layers, layers called more than once and
+variables shared between layers are reported by :meth:`GhostRecorder.unsupported`
+and measured by the ``vectorized_map`` reference path instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+__all__ = ["GhostRecorder"]
+
+_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D)
+
+
+def _rule_roles(layer: Any) -> dict[str, Any]:
+    """``{role: variable}`` for a layer with a rule, else ``{}``."""
+    kind = type(layer)
+    if kind.call is keras.layers.Dense.call and isinstance(layer, keras.layers.Dense):
+        plain = not getattr(layer, "lora_enabled", False) and not getattr(layer, "quantization_mode", None)
+        if plain and layer.activation is not None:
+            return {"kernel": layer.kernel, "bias": layer.bias}
+    for conv in _CONVS:
+        if isinstance(layer, conv) and kind.call is conv.call and kind.convolution_op is conv.convolution_op:
+            plain = not getattr(layer, "lora_enabled", False)
+            padding_ok = layer.padding in ("valid", "same", "causal")
+            if plain and padding_ok and layer.activation is not None:
+                return {"kernel": layer.kernel, "bias": layer.bias}
+    if isinstance(layer, keras.layers.BatchNormalization) and kind.call is keras.layers.BatchNormalization.call:
+        if not layer.renorm:
+            return {"gamma": layer.gamma if layer.scale else None, "beta": layer.beta if layer.center else None}
+    return {}
+
+
+def _all_layers(model: Any) -> list[Any]:
+    found, stack, seen = [], [model], set()
+    while stack:
+        layer = stack.pop(0)
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        found.append(layer)
+        stack.extend(getattr(layer, "layers", []) or [])
+    return found
+
+
+class GhostRecorder:
+    """Records inputs and pre-activation outputs of rule layers in one forward pass; turns gradients into norms.
+
+    Use (inside one ``tf.GradientTape``)::
+
+        recorder = GhostRecorder(model, variables)
+        with tf.GradientTape() as tape:
+            with recorder:
+                y_pred = model(x, training=False)
+            objective = ...sum of per-example losses...
+        squared = recorder.squared_norms(tape.gradient(objective, recorder.outputs()))
+
+    Args:
+        model: the Keras model.
+        variables: the variables to measure.
+    """
+
+    def __init__(self, model: Any, variables: Sequence[Any]) -> None:
+        owners: dict[int, list[tuple[Any, str]]] = {}
+        for layer in _all_layers(model):
+            for role, variable in _rule_roles(layer).items():
+                if variable is not None:
+                    owners.setdefault(id(variable), []).append((layer, role))
+            for variable in getattr(layer, "_trainable_variables", []) or []:
+                if not _rule_roles(layer):
+                    owners.setdefault(id(variable), []).append((layer, "other"))
+        self._variables = list(variables)
+        self._unsupported: set[int] = set()
+        self._layers: list[Any] = []
+        self._role: dict[int, tuple[Any, str]] = {}
+        for variable in self._variables:
+            holders = owners.get(id(variable), [])
+            if len(holders) != 1 or holders[0][1] == "other":
+                self._unsupported.add(id(variable))
+                continue
+            layer, role = holders[0]
+            self._role[id(variable)] = (layer, role)
+            if layer not in self._layers:
+                self._layers.append(layer)
+        self._records: dict[int, list[list[Any]]] = {}
+
+    # ------------------------------------------------------------- recording
+    def __enter__(self) -> GhostRecorder:
+        self._records = {}
+        for layer in self._layers:
+            original_call = layer.call
+            record = self._records.setdefault(id(layer), [])
+
+            def call(inputs, *args, _call=original_call, _record=record, _layer=layer, **kwargs):
+                _record.append([inputs, None])
+                outputs = _call(inputs, *args, **kwargs)
+                if isinstance(_layer, keras.layers.BatchNormalization):
+                    _record[-1][1] = outputs
+                return outputs
+
+            object.__setattr__(layer, "call", call)
+            if not isinstance(layer, keras.layers.BatchNormalization):
+                original_activation = layer.activation
+
+                def activation(z, _activation=original_activation, _record=record):
+                    if _record and _record[-1][1] is None:
+                        _record[-1][1] = z
+                    return _activation(z)
+
+                object.__setattr__(layer, "activation", activation)
+                layer.__dict__["_hvd_largebatch_activation"] = original_activation
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self._layers:
+            layer.__dict__.pop("call", None)
+            if "_hvd_largebatch_activation" in layer.__dict__:
+                object.__setattr__(layer, "activation", layer.__dict__.pop("_hvd_largebatch_activation"))
+
+    def _measured(self) -> list[Any]:
+        return [
+            layer for layer in self._layers
+            if len(self._records.get(id(layer), [])) == 1 and self._records[id(layer)][0][1] is not None
+        ]
+
+    def unsupported(self) -> list[Any]:
+        """The variables without a rule, shared, or whose layer did not run exactly once."""
+        measured = {id(layer) for layer in self._measured()}
+        return [
+            v for v in self._variables
+            if id(v) in self._unsupported or id(self._role[id(v)][0]) not in measured
+        ]
+
+    def outputs(self) -> list[Any]:
+        """The recorded outputs whose gradients :meth:`squared_norms` needs, in a fixed order."""
+        return [self._records[id(layer)][0][1] for layer in self._measured()]
+
+    def squared_norms(self, grads: Sequence[Any]) -> dict[int, tf.Tensor]:
+        """``{id(variable): (B,) squared per-example gradient norms}`` for the measured variables."""
+        result: dict[int, tf.Tensor] = {}
+        for layer, grad in zip(self._measured(), grads):
+            inputs, output = self._records[id(layer)][0]
+            grad = tf.zeros_like(output) if grad is None else tf.convert_to_tensor(grad)
+            if isinstance(layer, keras.layers.BatchNormalization):
+                values = dict(zip(("gamma", "beta"), _batch_norm_squared_norms(layer, inputs, grad)))
+            elif isinstance(layer, keras.layers.Dense):
+                values = dict(zip(("kernel", "bias"), _dense_squared_norms(inputs, grad)))
+            else:
+                values = dict(zip(("kernel", "bias"), _conv_squared_norms(layer, inputs, grad)))
+            for variable in self._variables:
+                owner = self._role.get(id(variable))
+                if owner is not None and owner[0] is layer and id(variable) not in self._unsupported:
+                    result[id(variable)] = values[owner[1]]
+        return result
+
+
+def _gram_or_product(a: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
+    """``||a_n^T g_n||_F^2`` for every ``n``, for ``a: (N, T, p)`` and ``g: (N, T, q)`` of static ``T, p, q``."""
+    t, p, q = a.shape[1], a.shape[2], g.shape[2]
+    if t == 1:
+        return tf.reduce_sum(tf.square(a), [1, 2]) * tf.reduce_sum(tf.square(g), [1, 2])
+    if t * t * (p + q) <= t * p * q:
+        gram_a = tf.linalg.matmul(a, a, transpose_b=True)
+        gram_g = tf.linalg.matmul(g, g, transpose_b=True)
+        return tf.reduce_sum(gram_a * gram_g, [1, 2])
+    return tf.reduce_sum(tf.square(tf.linalg.matmul(a, g, transpose_a=True)), [1, 2])
+
+
+def _dense_squared_norms(inputs: Any, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    a = tf.convert_to_tensor(inputs)
+    batch = tf.shape(a)[0]
+    a = tf.reshape(a, (batch, -1, a.shape[-1]))
+    g = tf.reshape(tf.cast(grad, a.dtype), (batch, -1, grad.shape[-1]))
+    if a.shape[1] is None:  # a dynamic number of positions: the product form needs no static T
+        kernel = tf.reduce_sum(tf.square(tf.linalg.matmul(a, g, transpose_a=True)), [1, 2])
+    else:
+        kernel = _gram_or_product(a, g)
+    return kernel, tf.reduce_sum(tf.square(tf.reduce_sum(g, 1)), 1)
+
+
+def _conv_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    x = tf.convert_to_tensor(inputs)
+    g = tf.cast(grad, x.dtype)
+    rank = len(layer.kernel_size)
+    if layer.data_format == "channels_first":
+        order = [0, *range(2, 2 + rank), 1]
+        x, g = tf.transpose(x, order), tf.transpose(g, order)
+    if rank == 1:
+        if layer.padding == "causal":
+            x = tf.pad(x, [[0, 0], [layer.dilation_rate[0] * (layer.kernel_size[0] - 1), 0], [0, 0]])
+        x, g = tf.expand_dims(x, 1), tf.expand_dims(g, 1)
+        sizes, strides, rates = (1, *layer.kernel_size), (1, *layer.strides), (1, *layer.dilation_rate)
+    else:
+        sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
+    padding = "SAME" if layer.padding == "same" else "VALID"
+    patches = tf.image.extract_patches(
+        x, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1], padding=padding
+    )  # (B, H', W', kh*kw*C), channel fastest
+    batch = tf.shape(patches)[0]
+    positions = patches.shape[1] * patches.shape[2]
+    groups, channels, filters = layer.groups, x.shape[-1], g.shape[-1]
+    taps = patches.shape[-1] // channels
+    a = tf.reshape(patches, (batch, positions, taps, groups, channels // groups))
+    a = tf.reshape(tf.transpose(a, [0, 3, 1, 2, 4]), (batch * groups, positions, taps * channels // groups))
+    gg = tf.reshape(g, (batch, positions, groups, filters // groups))
+    gg = tf.reshape(tf.transpose(gg, [0, 2, 1, 3]), (batch * groups, positions, filters // groups))
+    kernel = tf.reduce_sum(tf.reshape(_gram_or_product(a, gg), (batch, groups)), 1)
+    bias = tf.reduce_sum(tf.square(tf.reduce_sum(tf.reshape(g, (batch, positions, filters)), 1)), 1)
+    return kernel, bias
+
+
+def _batch_norm_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Inference-mode BatchNorm: ``xhat = (x - moving_mean) / sqrt(moving_variance + eps)``."""
+    x = tf.convert_to_tensor(inputs)
+    dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
+    x, g = tf.cast(x, dtype), tf.cast(grad, dtype)
+    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+    axes = [axis % len(x.shape) for axis in axes]
+    shape = [x.shape[i] if i in axes else 1 for i in range(len(x.shape))]
+    mean = tf.reshape(tf.cast(layer.moving_mean, dtype), shape)
+    variance = tf.reshape(tf.cast(layer.moving_variance, dtype), shape)
+    xhat = (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
+    reduce = [i for i in range(1, len(x.shape)) if i not in axes]
+    gamma = tf.reduce_sum(g * xhat, reduce) if reduce else g * xhat
+    beta = tf.reduce_sum(g, reduce) if reduce else g
+    batch = tf.shape(x)[0]
+    return (
+        tf.reduce_sum(tf.square(tf.reshape(gamma, (batch, -1))), 1),
+        tf.reduce_sum(tf.square(tf.reshape(beta, (batch, -1))), 1),
+    )

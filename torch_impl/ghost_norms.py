@@ -1,0 +1,356 @@
+"""Per-example gradient norms from activations and output gradients ("ghost norms"), without per-example gradients.
+
+For a layer whose output is linear in its parameters, the gradient of example
+``i``'s loss with respect to the parameters is a product of that example's
+input activations and the gradient at that example's output, so its norm can
+be computed from those two tensors, which an ordinary forward and an
+activation-only backward pass already produce:
+
+* ``Linear`` (input ``a_i`` of shape ``(T, d_in)``, output gradient ``g_i`` of
+  shape ``(T, d_out)``; ``T = 1`` for a plain batch):
+  ``G_i = g_i^T a_i`` and ``||G_i||^2 = sum_{t,s} (a_i a_i^T)_{ts} (g_i g_i^T)_{ts}``
+  (``= ||a_i||^2 ||g_i||^2`` when ``T = 1``); the bias gradient is ``sum_t g_i[t]``.
+* ``Conv1d``/``Conv2d``: the same identity on the unfolded input
+  (``a_i`` = the ``(C_in/groups * prod(kernel), L)`` patches of example ``i``,
+  ``L`` output positions), per group; the bias gradient sums ``g_i`` over positions.
+* ``BatchNorm`` (affine): ``grad gamma_i = sum_positions g_i * xhat_i``,
+  ``grad beta_i = sum_positions g_i``, per channel, with ``xhat`` normalised
+  by the statistics the layer used.
+
+For each layer the cheaper of two exact evaluations is used: the Gram form
+above (cost ``~ T^2 (d_in + d_out)`` per example) or the per-example product
+``g_i^T a_i`` for that one layer, formed and reduced at once (cost
+``~ T d_in d_out``); examples are processed in slices so that neither holds
+more than about ``_SLICE_ELEMENTS`` numbers.
+
+BatchNorm in training mode couples the examples through the batch statistics.
+The package's per-example gradient (see :mod:`.per_example_norms`) holds those
+statistics at the batch's values as constants. Inside :class:`GhostRecorder`
+every training-mode BatchNorm layer runs torch's own batch-norm kernel (same
+output, same running-statistics update) inside an autograd function with a
+switch: in the training backward it returns the ordinary BatchNorm gradient
+(torch's own backward kernel), in the per-example backward the gradient with
+the statistics held constant, ``grad_x = grad_y * gamma / sigma``.
+
+Layers without a rule, layers called more than once per forward pass and
+parameters shared between layers are reported by :meth:`GhostRecorder.unsupported`;
+the caller measures those with the ``vmap`` reference path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GhostRecorder", "has_ghost_rule"]
+
+#: Upper bound on the numbers one slice of examples may hold in an intermediate of a rule.
+_SLICE_ELEMENTS = 1 << 23
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def has_ghost_rule(module: nn.Module) -> bool:
+    """Whether the parameters of ``module`` (itself, not its children) have a ghost-norm rule."""
+    if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        return True
+    return _is_plain_batch_norm(module) and module.affine
+
+
+def _is_plain_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm layer whose forward is torch's own (so the recorder may re-express it)."""
+    return isinstance(module, _NORM_TYPES) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+
+
+class _Switch:
+    """Whether the gradient through BatchNorm's batch statistics flows (training backward) or not (per-example)."""
+
+    def __init__(self) -> None:
+        self.coupled = True
+
+
+class _SwitchedBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm whose backward drops the path through the batch statistics unless ``switch.coupled``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, switch, saved):  # noqa: D401
+        out, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps, ctx.switch = eps, switch
+        saved.extend((mean, invstd))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        none = (None,) * 6
+        if ctx.switch.coupled:
+            mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+            )
+            return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, *none)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = invstd if weight is None else invstd * weight
+        return (grad * scale.view(shape), None, None, *none)
+
+
+def _uses_batch_statistics(module: nn.Module) -> bool:
+    return module.training or module.running_mean is None
+
+
+class GhostRecorder:
+    """Records the activations of rule layers in a forward pass and turns output gradients into per-example norms.
+
+    Use::
+
+        with GhostRecorder(model, params) as recorder:
+            outputs = model(inputs)          # any forward: hooks record
+        objective = sum of the per-example losses
+        grads = recorder.output_gradients(objective, retain_graph=...)
+        squared = recorder.squared_norms(grads)   # {param: (B,) per-example squared norms}
+
+    Args:
+        model: the module.
+        params: the parameters to measure; those of ``unsupported()`` are not.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]) -> None:
+        self.model = model
+        wanted = {id(p) for p in params}
+        owners: dict[int, list[nn.Module]] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(module)
+        self._modules: list[nn.Module] = []
+        self._unsupported: set[int] = set()
+        for p in params:
+            holders = owners.get(id(p), [])
+            if len(holders) != 1 or not has_ghost_rule(holders[0]):
+                self._unsupported.add(id(p))
+            elif holders[0] not in self._modules:
+                self._modules.append(holders[0])
+        self._wanted = wanted
+        self._params = list(params)
+        self.switch = _Switch()
+        self._records: dict[nn.Module, list[tuple]] = {}
+        self._handles: list = []
+        # every BatchNorm layer is re-expressed with the gate (measured or not); one whose forward
+        # is not torch's own cannot be, and if it runs on batch statistics no ghost norm is exact
+        self._gated = [m for m in model.modules() if _is_plain_batch_norm(m)]
+        self._opaque_norms = [m for m in model.modules() if isinstance(m, _NORM_TYPES) and not _is_plain_batch_norm(m)]
+        self._coupled_by_opaque_norm = False
+
+    # ------------------------------------------------------------- recording
+    def __enter__(self) -> GhostRecorder:
+        self._records = {}
+        self._coupled_by_opaque_norm = False
+        measured = set(map(id, self._modules))
+        for module in self._modules:
+            if not isinstance(module, _NORM_TYPES):
+                self._handles.append(module.register_forward_hook(self._record_layer))
+        for module in self._gated:
+            module.forward = self._switched_forward(module, id(module) in measured)
+        for module in self._opaque_norms:
+            self._handles.append(module.register_forward_pre_hook(self._note_opaque_norm))
+        return self
+
+    def _note_opaque_norm(self, module: nn.Module, args: tuple) -> None:
+        if _uses_batch_statistics(module):
+            self._coupled_by_opaque_norm = True
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for module in self._gated:
+            module.__dict__.pop("forward", None)
+
+    def _record_layer(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._records.setdefault(module, []).append((args[0].detach(), output))
+
+    def _switched_forward(self, module: nn.Module, measured: bool):
+        """``module.forward`` for the recording pass: torch's BatchNorm forward, switched (module docstring)."""
+        plain_forward = type(module).forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not _uses_batch_statistics(module):
+                out = plain_forward(module, x)
+                if measured:
+                    self._records.setdefault(module, []).append(((x.detach(), None, None), out))
+                return out
+            module._check_input_dim(x)
+            factor = 0.0 if module.momentum is None else module.momentum
+            tracked = module.training and module.track_running_stats
+            if tracked and module.num_batches_tracked is not None:
+                module.num_batches_tracked.add_(1)
+                factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+            saved: list[torch.Tensor] = []
+            out = _SwitchedBatchNorm.apply(
+                x, module.weight, module.bias,
+                module.running_mean if tracked else None, module.running_var if tracked else None,
+                factor, module.eps, self.switch, saved,
+            )
+            if measured:
+                self._records.setdefault(module, []).append(((x.detach(), *saved), out))
+            return out
+
+        return forward
+
+    # ----------------------------------------------------------------- norms
+    def unsupported(self) -> list[torch.Tensor]:
+        """The parameters the recorder cannot measure: no rule, shared, or their layer ran other than once.
+
+        All of them when a BatchNorm layer with a forward other than torch's
+        own ran on batch statistics (its coupling of the examples cannot be cut).
+        """
+        if self._coupled_by_opaque_norm:
+            return list(self._params)
+        called_badly = {
+            id(p)
+            for module in self._modules
+            if len(self._records.get(module, [])) != 1
+            for p in module.parameters(recurse=False)
+        }
+        return [p for p in self._params if id(p) in self._unsupported or id(p) in called_badly]
+
+    def _measured_modules(self) -> list[nn.Module]:
+        if self._coupled_by_opaque_norm:
+            return []
+        return [m for m in self._modules if len(self._records.get(m, [])) == 1]
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The recorded outputs whose gradients :meth:`squared_norms` needs, in a fixed order."""
+        return [self._records[m][0][1] for m in self._measured_modules()]
+
+    def output_gradients(self, objective: torch.Tensor, retain_graph: bool) -> list[torch.Tensor]:
+        """Gradients of ``objective`` at :meth:`outputs`, with BatchNorm statistics held constant."""
+        outputs = self.outputs()
+        if not outputs:
+            return []
+        self.switch.coupled = False
+        try:
+            grads = torch.autograd.grad(objective, outputs, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self.switch.coupled = True
+        return [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
+
+    def squared_norms(self, grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``{id(param): (B,) squared per-example gradient norms}`` for the measured parameters."""
+        result: dict[int, torch.Tensor] = {}
+        for module, grad in zip(self._measured_modules(), grads):
+            activation = self._records[module][0][0]
+            grad = grad.detach()
+            if isinstance(module, nn.Linear):
+                weight, bias = _linear_squared_norms(activation, grad)
+            elif isinstance(module, _CONV_TYPES):
+                weight, bias = _conv_squared_norms(module, activation, grad)
+            else:
+                weight, bias = _norm_squared_norms(_normalised(module, *activation), grad)
+            for p, value in ((module.weight, weight), (module.bias, bias)):
+                if p is not None and id(p) in self._wanted and id(p) not in self._unsupported:
+                    result[id(p)] = value
+        return result
+
+
+def _slices(batch: int, per_example: int) -> list[slice]:
+    step = max(1, _SLICE_ELEMENTS // max(1, per_example))
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def _gram_or_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``||g_n a_n||_F^2`` for every ``n``, for ``a: (N, T, p)`` and ``g: (N, q, T)``, the cheaper exact way."""
+    n, t, p = a.shape
+    q = g.shape[1]
+    if t == 1:
+        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+    out = a.new_empty(n)
+    if t * t * (p + q) <= t * p * q:
+        for part in _slices(n, t * t):
+            gram_a = torch.bmm(a[part], a[part].transpose(1, 2))
+            gram_g = torch.bmm(g[part].transpose(1, 2), g[part])
+            out[part] = (gram_a * gram_g).sum((1, 2))
+    else:
+        for part in _slices(n, p * q):
+            out[part] = torch.bmm(g[part], a[part]).square().sum((1, 2))
+    return out
+
+
+def _linear_squared_norms(activation: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = activation.shape[0]
+    a = activation.reshape(batch, -1, activation.shape[-1])
+    g = grad.reshape(batch, -1, grad.shape[-1])
+    return _gram_or_product(a, g.transpose(1, 2)), g.sum(1).square().sum(1)
+
+
+def _conv_input_and_padding(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input with any padding the layer pads itself applied, and the zero padding left for the convolution."""
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        # "same", "valid", or a non-zero padding mode: pad as the layer does, then convolve unpadded
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
+    return x, tuple(module.padding)
+
+
+def _conv_patches(module: nn.Module, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+    """``(B, C_in * prod(kernel), L)``: the input patch each output position of the convolution sees."""
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if x.dim() == 3:
+        x = x.unsqueeze(2)
+        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+
+
+def _conv_squared_norms(module: nn.Module, activation: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram form on unfolded patches when the output is small, else the per-example kernel gradients.
+
+    The per-example kernel gradients of a slice of ``b`` examples are one
+    weight-gradient convolution with the examples as ``b * groups`` groups
+    (torch's own convolution backward), squared and summed at once.
+    """
+    batch, groups = activation.shape[0], module.groups
+    g = grad.reshape(batch, grad.shape[1], -1)  # (B, C_out, L)
+    positions, out_rows = g.shape[-1], module.out_channels // groups
+    rows = module.in_channels // groups * math.prod(module.kernel_size)
+    x, padding = _conv_input_and_padding(module, activation)
+    weight = activation.new_zeros(batch)
+    gram = positions * positions * (rows + out_rows) <= positions * rows * out_rows
+    per_example = groups * (positions * positions + positions * rows) if gram else module.weight.numel()
+    for part in _slices(batch, per_example):
+        xs, gs = x[part], grad[part]
+        b = xs.shape[0]
+        if gram:
+            a = _conv_patches(module, xs, padding)  # (b, C_in*K, L); channel-major, so groups split the rows
+            a = a.reshape(b * groups, rows, positions).transpose(1, 2)
+            weight[part] = _gram_or_product(a, g[part].reshape(b * groups, out_rows, positions)).reshape(b, groups).sum(1)
+            continue
+        spatial = xs.shape[2:]
+        kernel_shape = (b * module.out_channels, module.in_channels // groups, *module.kernel_size)
+        per_example_kernels = torch.ops.aten.convolution_backward(
+            gs.reshape(1, b * module.out_channels, *gs.shape[2:]),
+            xs.reshape(1, b * module.in_channels, *spatial),
+            module.weight.detach().expand(b, *module.weight.shape).reshape(kernel_shape),
+            None, list(module.stride), list(padding), list(module.dilation), False, [0] * len(spatial),
+            b * groups, [False, True, False],
+        )[1]
+        weight[part] = per_example_kernels.reshape(b, -1).square().sum(1)
+    return weight, g.sum(2).square().sum(1)
+
+
+def _normalised(module: nn.Module, x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None) -> torch.Tensor:
+    """``xhat``, normalised by the statistics the layer used (the batch's, or the running ones)."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if mean is None:
+        mean, invstd = module.running_mean, torch.rsqrt(module.running_var + module.eps)
+    return (x - mean.view(shape)) * invstd.view(shape)
+
+
+def _norm_squared_norms(xhat: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, channels = xhat.shape[0], xhat.shape[1]
+    g = grad.reshape(batch, channels, -1)
+    return (g * xhat.reshape(batch, channels, -1)).sum(2).square().sum(1), g.sum(2).square().sum(1)
