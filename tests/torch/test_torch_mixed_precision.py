@@ -19,7 +19,8 @@ import torch
 from hvd_largebatch.torch_impl import create_optimizer
 from hvd_largebatch.torch_impl.lamb_functional import lamb_update
 from hvd_largebatch.torch_impl.momentum_functional import momentum_update
-from torch_optimizer_cases import CASES, STEPS, TENSORS, clars_norms, gradients, initial_weights, make_reference
+from optimizer_cases import CASES, STEPS, TENSORS, clars_norms, gradients, initial_weights, make_reference
+from torch_adapter import torch_kwargs
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 NAMES = ("sgd", "lars", "larc", "clars", "lamb")
@@ -49,7 +50,7 @@ def test_half_params_follow_the_float64_oracle_on_upcast_inputs(case, dtype, for
     names = [name for name, _ in TENSORS]
     start = initial_weights(case)
     params = {n: torch.nn.Parameter(torch.tensor(start[n], dtype=dtype)) for n in names}
-    opt = create_optimizer(case.name, list(params.items()), lr=case.lr(0), foreach=foreach, **case.kwargs)
+    opt = create_optimizer(case.name, list(params.items()), lr=case.lr(0), foreach=foreach, **torch_kwargs(case.hyper, case.name), **case.exclusions())
     oracle = make_reference(case)
     for step in range(STEPS):
         # small gradients: g*g underflows float16 and 1/(sqrt(nu)+eps) overflows it (LAMB's first step)
@@ -93,7 +94,7 @@ def test_foreach_and_single_tensor_paths_agree_on_half_params(name, dtype):
     for foreach in (True, False):
         start = initial_weights(case)
         params = {n: torch.nn.Parameter(torch.tensor(start[n], dtype=dtype)) for n, _ in TENSORS}
-        opt = create_optimizer(name, list(params.items()), lr=case.lr(0), foreach=foreach, **case.kwargs)
+        opt = create_optimizer(name, list(params.items()), lr=case.lr(0), foreach=foreach, **torch_kwargs(case.hyper, case.name), **case.exclusions())
         for step in range(STEPS):
             for n, p in params.items():
                 p.grad = torch.tensor(gradients(step)[n], dtype=dtype)
