@@ -17,6 +17,7 @@ Usage: horovodrun -np 2 -H localhost:2 --gloo python keras_worker.py CHECKPOINT_
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -96,6 +97,11 @@ def flat_values(variables) -> np.ndarray:
     """Every value of ``variables`` (weights, slots, counters) in one float64 vector."""
     parts = [np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float64).ravel() for v in variables]
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def digest(variables) -> str:
+    """sha256 of every value of ``variables`` (equal on two ranks only if bit-identical)."""
+    return hashlib.sha256(flat_values(variables).tobytes()).hexdigest()
 
 
 def checksum(variables) -> list[float]:

@@ -15,6 +15,7 @@ Usage: horovodrun -np 2 -H localhost:2 --gloo python torch_worker.py CHECKPOINT_
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from typing import Any
@@ -105,6 +106,11 @@ def flat_values(model: torch.nn.Module, optimizer=None, *, buffers: bool = True,
 def checksum(values: torch.Tensor) -> list[float]:
     """``[count, sum, sum of squares]`` of a vector: equal vectors give equal checksums, and a failure shows them."""
     return [float(values.numel()), float(values.sum()), float((values * values).sum())]
+
+
+def digest_of(model: torch.nn.Module, optimizer=None) -> str:
+    """sha256 of every weight, buffer and optimizer-state number (equal on two ranks only if bit-identical)."""
+    return hashlib.sha256(flat_values(model, optimizer).numpy().tobytes()).hexdigest()
 
 
 def max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
