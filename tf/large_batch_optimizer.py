@@ -251,7 +251,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
     # ----------------------------------------------------------------- config
     def _keras_hyperparameters(self) -> dict[str, Any]:
         """The rule's hyperparameters in Keras spelling, for ``get_config``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must list its hyperparameters for get_config")
 
     def get_config(self) -> dict[str, Any]:
         cfg = super().get_config()

@@ -47,7 +47,7 @@ class _MomentumRule(LargeBatchOptimizer):
 
     def _rates(self, grads, variables, indices, lr):
         """Per-tensor rates (a vector over ``variables``) and the finiteness flag of the step."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define its per-tensor rates (_rates)")
 
     def _batched_update(self, grads, variables, indices, lr) -> None:
         cfg = self.core_config

@@ -304,7 +304,8 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         return loss
 
     def _apply_group(self, group: dict[str, Any], work: GroupWork, ratios_out: list | None) -> None:
-        raise NotImplementedError
+        """The update rule for one parameter group: every subclass defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _apply_group (its update rule)")
 
     # ------------------------------------------------------------------
     # Trust-ratio statistics
