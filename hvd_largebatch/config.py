@@ -116,6 +116,26 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def is_integer(value: Any) -> bool:
+    """True for Python and NumPy integers (never bool, never a float), without importing NumPy."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu"
+
+
+def check_non_negative_int(name: str, value: Any, *, meaning: str = "") -> int:
+    """Returns ``value`` as an int, or raises ValueError unless it is a Python or NumPy integer >= 0.
+
+    ``meaning`` is added to the message in parentheses (e.g. what the count counts).
+    """
+    if not is_integer(value) or int(value) < 0:
+        note = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be an integer >= 0{note}, got {value!r}")
+    return int(value)
+
+
 def check_bool(name: str, value: Any) -> bool:
     """Returns ``value``, or raises ValueError unless it is a bool."""
     if not isinstance(value, bool):
