@@ -199,8 +199,8 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
         new_lr = float(self.schedule(int(keras.ops.convert_to_numpy(optimizer.iterations))))
         if self._slots is not None:
             prev_lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-            if prev_lr != 0 and new_lr != prev_lr:
-                factor = new_lr / prev_lr
+            factor = schedules.momentum_correction(prev_lr, new_lr)
+            if factor != 1.0:
                 for slot in self._slots:
                     if slot is not None:
                         slot.assign(slot * factor)

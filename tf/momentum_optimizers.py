@@ -25,6 +25,7 @@ import tensorflow as tf
 from keras import ops
 
 from hvd_largebatch import config
+from hvd_largebatch.schedules import momentum_correction
 from hvd_largebatch.tf import fused_kernels, update_rules
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer, tensor_of
 
@@ -52,24 +53,26 @@ class _MomentumRule(LargeBatchOptimizer):
     def _batched_update(self, grads, variables, indices, lr) -> None:
         cfg = self.core_config
         rates, finite = self._rates(grads, variables, indices, lr)
-        velocity_factor = update_rules.momentum_coefficient(
-            cfg.momentum, lr, self.prev_learning_rate, cfg.momentum_correction
+        # c = gamma_t / gamma_prev (1 before the first step), the core's factor; never includes m.
+        correction = (
+            momentum_correction(self.prev_learning_rate, lr, xp=ops) if cfg.momentum_correction else ops.ones_like(lr)
         )
+        velocity_scale = tensor_of(cfg.momentum, self._scalar_dtype) * correction
 
         def apply_all():
             rate_list = ops.unstack(rates)
             for g, w, i, rate in zip(grads, variables, indices, rate_list):
                 dtype = w.dtype
                 m = self.momentums[i]
-                rate, factor = ops.cast(rate, dtype), ops.cast(velocity_factor, dtype)
+                rate, scale = ops.cast(rate, dtype), ops.cast(velocity_scale, dtype)
                 d = update_rules.decayed_gradient(
                     g, w, tensor_of(cfg.weight_decay, dtype) if self._decay[i] else None
                 )
                 if self.fused and not cfg.nesterov:
-                    fused_kernels.apply_momentum(w, m, d, rate, factor)
+                    fused_kernels.apply_momentum(w, m, d, rate, scale)
                     continue
                 # Assign the slot, then read it back: the new value is never copied.
-                self.assign(m, update_rules.momentum_buffer(m, d, rate, factor))
+                self.assign(m, update_rules.momentum_buffer(m, d, rate, scale))
                 if cfg.nesterov:
                     self.assign_add(w, update_rules.nesterov_weight_step(m, d, rate, tensor_of(cfg.momentum, dtype)))
                 else:

@@ -22,7 +22,6 @@ __all__ = [
     "squared_norm",
     "trust_ratio",
     "lars_local_rates",
-    "momentum_coefficient",
     "decayed_gradient",
     "momentum_buffer",
     "nesterov_weight_step",
@@ -81,34 +80,22 @@ def lars_local_rates(lr, w_norm, g_norm, *, trust_coefficient, weight_decay, eps
     return ops.where(adapt, adapted, lr * ops.ones_like(local))
 
 
-def momentum_coefficient(momentum, lr, prev_lr, correction: bool):
-    """The factor ``c`` applied to the velocity before adding the new step.
-
-    With momentum correction (Goyal et al. 2017, section 2.2) the velocity,
-    which holds the LR, is first rescaled by ``gamma_t / gamma_prev``, so
-    ``c = m * gamma_t / gamma_prev``; without it, or when
-    ``gamma_prev == 0`` (also the value before the first step), ``c = m``.
-    """
-    if not correction:
-        return ops.convert_to_tensor(momentum, dtype=lr.dtype)
-    usable = ops.not_equal(prev_lr, 0)
-    safe_prev = ops.where(usable, prev_lr, ops.ones_like(prev_lr))
-    return momentum * ops.where(usable, lr / safe_prev, ops.ones_like(lr))
-
-
 def decayed_gradient(g, w, weight_decay):
     """``d = g + beta * w``; ``weight_decay`` is None where decay does not apply."""
     return g if weight_decay is None else g + weight_decay * w
 
 
-def momentum_buffer(m, d, rate, velocity_factor):
+def momentum_buffer(m, d, rate, velocity_scale):
     """The new momentum slot ``m = -v`` of the "LR inside the velocity" step.
 
-    Math (ALGORITHMS.md, SGD and LARS), with ``c`` from :func:`momentum_coefficient`:
-        v = c * v + rate * d       i.e.   m = c * m - rate * d
-        w = w - v                  i.e.   w = w + m
+    Math (ALGORITHMS.md, SGD and LARS), with ``velocity_scale = momentum * c`` and
+    ``c`` the momentum-correction factor of
+    :func:`hvd_largebatch.schedules.momentum_correction` (1 without correction)::
+
+        v = momentum * c * v + rate * d       i.e.   m = velocity_scale * m - rate * d
+        w = w - v                             i.e.   w = w + m
     """
-    return velocity_factor * m - rate * d
+    return velocity_scale * m - rate * d
 
 
 def nesterov_weight_step(m, d, rate, momentum):
