@@ -37,7 +37,10 @@ __all__ = [
     "CLARSConfig",
     "LAMBConfig",
     "ConAdvConfig",
+    "OptimizerSpec",
+    "OPTIMIZERS",
     "OPTIMIZER_NAMES",
+    "resolve_optimizer",
     "optimizer_config",
     "ExclusionRule",
     "ExclusionSpec",
@@ -358,18 +361,65 @@ class ConAdvConfig(_Record):
             self._set("input_range", (low, high))
 
 
-_OPTIMIZERS: dict[str, tuple[type[_Record], dict[str, Any]]] = {
-    "sgd": (SGDConfig, {}),
-    "lars": (LARSConfig, {}),
-    "larc": (LARSConfig, {"clip": True}),
-    "clars": (CLARSConfig, {}),
-    "lamb": (LAMBConfig, {}),
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """What an optimizer name means: a record type and the settings the name fixes.
+
+    Variants are settings, not classes: ``larc`` is the LARS record with
+    ``clip=True``. The fixed fields are spelled alike in the core, PyTorch
+    and Keras, so each framework's ``create_optimizer`` applies them as they are.
+
+    Attributes:
+        record_type: the validated record of the optimizer's hyperparameters.
+        fixed: fields the name sets; passing a different value is an error.
+    """
+
+    record_type: type[_Record]
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+#: The optimizer registry that ``optimizer_config`` and both frameworks' ``create_optimizer`` read.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(SGDConfig),
+    "lars": OptimizerSpec(LARSConfig),
+    "larc": OptimizerSpec(LARSConfig, {"clip": True}),
+    "clars": OptimizerSpec(CLARSConfig),
+    "lamb": OptimizerSpec(LAMBConfig),
 }
 
 #: Names accepted by ``optimizer_config`` and both frameworks' ``create_optimizer``.
-OPTIMIZER_NAMES = tuple(_OPTIMIZERS)
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 
 OptimizerConfig = Union[SGDConfig, LARSConfig, CLARSConfig, LAMBConfig]
+
+
+def resolve_optimizer(name: str, kwargs: Mapping[str, Any]) -> tuple[str, OptimizerSpec, dict[str, Any]]:
+    """Looks ``name`` up in :data:`OPTIMIZERS` and applies the settings it fixes to ``kwargs``.
+
+    Args:
+        name: one of ``OPTIMIZER_NAMES`` (case-insensitive).
+        kwargs: the caller's arguments, in any framework's spelling.
+
+    Returns:
+        ``(key, spec, kwargs_with_fixed_settings)`` with ``key`` the lower-case name.
+
+    Raises:
+        ValueError: unknown ``name``, or an argument that contradicts a
+            setting the name fixes (``clip=False`` for ``"larc"``).
+
+    Example:
+        >>> key, spec, kwargs = resolve_optimizer("LARC", {"lr": 0.2})
+        >>> key, spec.record_type.__name__, kwargs
+        ('larc', 'LARSConfig', {'lr': 0.2, 'clip': True})
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in OPTIMIZERS:
+        raise ValueError(f"name must be one of {', '.join(map(repr, OPTIMIZER_NAMES))}; got {name!r}")
+    spec = OPTIMIZERS[key]
+    for field, value in spec.fixed.items():
+        if field in kwargs and kwargs[field] != value:
+            raise ValueError(f"{field}={kwargs[field]!r} contradicts optimizer {key!r}, which sets {field}={value!r}")
+    return key, spec, {**kwargs, **spec.fixed}
 
 
 def optimizer_config(name: str, **kwargs: Any) -> OptimizerConfig:
@@ -383,20 +433,14 @@ def optimizer_config(name: str, **kwargs: Any) -> OptimizerConfig:
     Raises:
         ValueError: unknown ``name``, unknown argument, or a value out of range.
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in _OPTIMIZERS:
-        raise ValueError(f"name must be one of {', '.join(map(repr, OPTIMIZER_NAMES))}; got {name!r}")
-    record_type, fixed = _OPTIMIZERS[key]
-    for field, value in fixed.items():
-        if field in kwargs and kwargs[field] != value:
-            raise ValueError(f"{field}={kwargs[field]!r} contradicts optimizer {key!r}, which sets {field}={value!r}")
-    known = {f.name for f in dataclasses.fields(record_type)}
+    key, spec, values = resolve_optimizer(name, kwargs)
+    known = {f.name for f in dataclasses.fields(spec.record_type)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(
             f"unknown argument(s) {', '.join(unknown)} for optimizer {key!r}; allowed: {', '.join(sorted(known))}"
         )
-    return record_type(**{**kwargs, **fixed})
+    return spec.record_type(**values)
 
 
 # --------------------------------------------------------------------------
