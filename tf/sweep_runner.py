@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from hvd_largebatch.data import MNIST1D, ShardedBatches, shard_of
 from hvd_largebatch.recipes import CellPlan
-from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, create_optimizer
+from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, core_spelling, create_optimizer
 from hvd_largebatch.tf.callbacks import (
     BroadcastGlobalVariablesCallback,
     GradualWarmupCallback,
@@ -46,19 +46,10 @@ __all__ = [
     "MNIST1DShard",
     "TestSetEvaluation",
     "train_cell",
-    "keras_optimizer_arguments",
     "configure_threads",
 ]
 
 _EVAL_CHUNK = 2048
-_KERAS_SPELLING = {"lr": "learning_rate", "eps": "epsilon", "beta1": "beta_1", "beta2": "beta_2"}
-
-
-def keras_optimizer_arguments(core_args: Mapping[str, Any]) -> dict[str, Any]:
-    """The core-spelling optimizer record in Keras spelling (``eps`` -> ``epsilon``, ``beta1`` -> ``beta_1``)."""
-    return {_KERAS_SPELLING.get(name, name): value for name, value in core_args.items()}
-
-
 def configure_threads() -> None:
     """TensorFlow thread pools sized from ``OMP_NUM_THREADS`` (the launcher gives each rank cores/W).
 
@@ -175,7 +166,7 @@ def train_cell(
     model = mnist1d_convnet(seed=plan.seed)
     schedule = plan.schedule
     inner = create_optimizer(
-        plan.optimizer, learning_rate=schedule(0), **keras_optimizer_arguments(plan.optimizer_args())
+        plan.optimizer, learning_rate=schedule(0), **core_spelling.to_keras(plan.optimizer_args())
     )
     if plan.conadv is not None:
         from hvd_largebatch.tf.conadv import ConAdv

@@ -35,19 +35,12 @@ from hvd_largebatch.torch_impl import (
     broadcast_state,
     create_optimizer,
 )
+from hvd_largebatch.torch_impl import core_spelling
 from hvd_largebatch.torch_impl.models import MNIST1DConvNet
 
-__all__ = ["HorovodCellRunner", "train_cell", "evaluate", "torch_optimizer_arguments"]
+__all__ = ["HorovodCellRunner", "train_cell", "evaluate"]
 
 _EVAL_CHUNK = 2048
-
-
-def torch_optimizer_arguments(name: str, core_args: Mapping[str, Any]) -> dict[str, Any]:
-    """The core-spelling optimizer record in torch spelling (LAMB's ``beta1, beta2`` -> ``betas``)."""
-    args = dict(core_args)
-    if name == "lamb":
-        args["betas"] = (args.pop("beta1"), args.pop("beta2"))
-    return args
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, hvd: Any) -> tuple[float, float]:
@@ -106,7 +99,7 @@ def train_cell(
     schedule = plan.schedule
     optimizer = create_optimizer(
         plan.optimizer, model.named_parameters(), lr=schedule(0),
-        **torch_optimizer_arguments(plan.optimizer, plan.optimizer_args()),
+        **core_spelling.to_torch(plan.optimizer_args()),
     )
     optimizer = DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     scheduler = GradualWarmupScheduler(optimizer, schedule)
