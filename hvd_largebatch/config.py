@@ -128,15 +128,23 @@ def is_integer(value: Any) -> bool:
     return type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu"
 
 
-def check_non_negative_int(name: str, value: Any, *, meaning: str = "") -> int:
-    """Returns ``value`` as an int, or raises ValueError unless it is a Python or NumPy integer >= 0.
+def check_int_in_range(name: str, value: Any, low: int, high: int | None = None, *, meaning: str = "") -> int:
+    """Returns ``value`` as an int, or raises ValueError unless it is an integer with ``low <= value < high``.
 
-    ``meaning`` is added to the message in parentheses (e.g. what the count counts).
+    Python and NumPy integers are accepted, bools and floats are not. ``high``
+    None means no upper bound; ``meaning`` is added to the message in
+    parentheses (e.g. what the count counts).
     """
-    if not is_integer(value) or int(value) < 0:
+    if not is_integer(value) or int(value) < low or (high is not None and int(value) >= high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
         note = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{name} must be an integer >= 0{note}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {allowed}{note}, got {value!r}")
     return int(value)
+
+
+def check_non_negative_int(name: str, value: Any, *, meaning: str = "") -> int:
+    """Returns ``value`` as an int, or raises ValueError unless it is a Python or NumPy integer >= 0."""
+    return check_int_in_range(name, value, 0, meaning=meaning)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -147,9 +155,10 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
-    """Returns ``value``, or raises ValueError unless it is one of ``allowed``."""
+    """Returns ``value``, or raises ValueError unless it is one of ``allowed`` (a bool never stands for 0 or 1)."""
     allowed = tuple(allowed)
-    if value not in allowed:
+    bool_for_number = isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)
+    if bool_for_number or value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
     return value
 
@@ -337,8 +346,7 @@ class ConAdvConfig(_Record):
     def _validate(self) -> None:
         self._set("epsilon", check_positive("epsilon", self.epsilon))
         self._set("step_size", check_positive("step_size", self.step_size))
-        if isinstance(self.staleness, bool) or not isinstance(self.staleness, int) or self.staleness < 0:
-            raise ValueError(f"staleness must be an integer >= 0, got {self.staleness!r}")
+        self._set("staleness", check_non_negative_int("staleness", self.staleness))
         self._set("attack_iters", check_positive_int("attack_iters", self.attack_iters))
         self._set(
             "random_start_prob",

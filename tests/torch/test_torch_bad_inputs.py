@@ -154,3 +154,14 @@ def test_clars_step_without_norms_says_what_to_call():
     model(torch.randn(4, 3)).sum().backward()
     with pytest.raises(RuntimeError, match="add_grad_norms"):
         opt.step()
+
+
+def test_distributed_optimizer_without_horovod_initialised_raises_the_shared_error(monkeypatch):
+    import horovod.torch as hvd
+
+    from hvd_largebatch.errors import HorovodNotInitialisedError
+    from hvd_largebatch.torch_impl import DistributedOptimizer
+
+    monkeypatch.setattr(hvd, "is_initialized", lambda: False)  # as in a process that never called hvd.init()
+    with pytest.raises(HorovodNotInitialisedError, match=r"Horovod is not initialised: call horovod.torch.init\(\)"):
+        DistributedOptimizer(LARS(_plain()))
