@@ -170,7 +170,10 @@ def train_cell(
     )
     if plan.conadv is not None:
         from hvd_largebatch.tf.conadv import ConAdv
+        from hvd_largebatch.tf.dual_bn import convert_to_dual_bn
 
+        if plan.conadv["dual_bn"]:
+            model = convert_to_dual_bn(model)
         # Rank-dependent seed: each rank draws its own random starts and target labels.
         model = ConAdv(model, seed=plan.seed * 1000 + rank, **plan.conadv)
     elif plan.optimizer == "clars":

@@ -13,6 +13,7 @@ import keras
 from hvd_largebatch.recipes import CONADV_ARGS, METHODS, plan_cell
 from hvd_largebatch.tf import LARS, ScheduleAdapter
 from hvd_largebatch.tf.conadv import ConAdv
+from hvd_largebatch.tf.dual_bn import convert_to_dual_bn
 from hvd_largebatch.tf.models import mnist1d_convnet
 
 BATCH, EPOCHS, SAMPLES = 800, 12, 4000
@@ -32,7 +33,7 @@ def test_conadv_with_lars_trains_mnist1d_at_a_large_batch_under_fit():
         learning_rate=ScheduleAdapter(plan.schedule), momentum=lars["momentum"], weight_decay=lars["weight_decay"],
         trust_coefficient=lars["trust_coefficient"], epsilon=lars["eps"],
     )
-    model = ConAdv(mnist1d_convnet(seed=0), seed=0, **CONADV)
+    model = ConAdv(convert_to_dual_bn(mnist1d_convnet(seed=0)), seed=0, **CONADV)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     keras.utils.set_random_seed(0)

@@ -64,11 +64,11 @@ BAD_INPUTS = [
     ("dist-twice", lambda: DistributedOptimizer(DistributedOptimizer(LARS())), r"already a DistributedOptimizer"),
     # schedules and callbacks
     ("adapter-not-a-schedule", lambda: ScheduleAdapter(lambda step: 0.1), r"schedule must be an hvd_largebatch.schedules.Schedule"),
-    ("adapter-dtype", lambda: ScheduleAdapter(SCHEDULE, dtype="int32"), r"dtype must be None or a float dtype"),
+    ("adapter-dtype", lambda: ScheduleAdapter(SCHEDULE, dtype="int32"), r"dtype must be one of .float16., .bfloat16., .float32., .float64.; got .int32."),
     ("broadcast-root-rank", lambda: callbacks.BroadcastGlobalVariablesCallback(root_rank=-1), r"root_rank must be an integer >= 0"),
     ("lr-callback-schedule", lambda: callbacks.LearningRateScheduleCallback(0.1), r"schedule must be an hvd_largebatch.schedules.Schedule"),
     ("lr-callback-correction", lambda: callbacks.LearningRateScheduleCallback(SCHEDULE, momentum_correction="yes"), r"momentum_correction must be True or False"),
-    ("lr-callback-verbose", lambda: callbacks.LearningRateScheduleCallback(SCHEDULE, verbose=5), r"verbose must be 0, 1 or 2"),
+    ("lr-callback-verbose", lambda: callbacks.LearningRateScheduleCallback(SCHEDULE, verbose=5), r"verbose must be one of 0, 1, 2; got 5"),
     ("warmup-callback-type", lambda: callbacks.GradualWarmupCallback([0.1, 0.2]), r"schedule_or_args must be an hvd_largebatch.schedules.Schedule or a mapping"),
     ("warmup-callback-no-warmup", lambda: callbacks.GradualWarmupCallback(NO_WARMUP), r"schedule_or_args must describe a gradual warmup"),
     ("warmup-callback-bad-args", lambda: callbacks.GradualWarmupCallback({"base_lr": -1.0, "total_steps": 10}), r"base_lr must be >= 0"),
