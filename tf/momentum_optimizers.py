@@ -266,9 +266,8 @@ class LARS(_MomentumRule):
         """Hook for CLARS, which pops its own arguments out of ``kwargs``."""
         return {}
 
-    def _weight_decay_vector(self, indices):
-        beta = self.core_config.weight_decay
-        return ops.convert_to_tensor([beta if self._decay[i] else 0.0 for i in indices], dtype=self._scalar_dtype)
+    def _decay_vector(self, indices):
+        return ops.convert_to_tensor([self._decay[i] for i in indices], dtype="bool")
 
     def _adapt_vector(self, indices):
         return ops.convert_to_tensor([self._adapt[i] for i in indices], dtype="bool")
@@ -279,18 +278,21 @@ class LARS(_MomentumRule):
             self._stack_scalars([self._squared_norm(w) if self._adapt[i] else zero for w, i in zip(variables, indices)])
         )
 
-    def _local_rates(self, lr, w_norm, g_norm, indices):
+    def _effective_rates(self, lr, w_norm, g_norm, indices):
+        """The per-tensor rates ``gamma * lambda`` (or LARC's ``min(gamma, lambda)``) of this step."""
         cfg = self.core_config
-        return update_rules.lars_local_rates(
-            lr,
+        sd = self._scalar_dtype
+        adapt = self._adapt_vector(indices)
+        local = update_rules.lars_local_rates(
             w_norm,
             g_norm,
-            trust_coefficient=tensor_of(cfg.trust_coefficient, self._scalar_dtype),
-            weight_decay=self._weight_decay_vector(indices),
-            eps=tensor_of(cfg.eps, self._scalar_dtype),
-            adapt=self._adapt_vector(indices),
-            clip=cfg.clip,
+            adapt=adapt,
+            decay=self._decay_vector(indices),
+            trust_coefficient=tensor_of(cfg.trust_coefficient, sd),
+            weight_decay=tensor_of(cfg.weight_decay, sd),
+            eps=tensor_of(cfg.eps, sd),
         )
+        return update_rules.effective_rates(local, adapt=adapt, lr=lr, clip=cfg.clip)
 
     def _rates(self, grads, variables, indices, lr):
         # ||g||^2 for adapted tensors (needed anyway; also tells finiteness), sum(g) for the others.
@@ -301,7 +303,7 @@ class LARS(_MomentumRule):
         adapt = self._adapt_vector(indices)
         g_norm = ops.sqrt(ops.where(adapt, ops.where(ops.isfinite(g_stats), g_stats, 0), 0))
         w_norm = self._norms_of_weights(variables, indices)
-        return self._local_rates(lr, w_norm, g_norm, indices), finite
+        return self._effective_rates(lr, w_norm, g_norm, indices), finite
 
     def _keras_hyperparameters(self) -> dict[str, Any]:
         cfg = self.core_config
@@ -438,7 +440,7 @@ class CLARS(LARS):
         finite = ops.logical_and(self._all_finite(sums), self._all_finite(s))
         w_norm = self._norms_of_weights(variables, indices)
         s = ops.where(ops.isfinite(s), s, 0)
-        return self._local_rates(lr, w_norm, s, indices), finite
+        return self._effective_rates(lr, w_norm, s, indices), finite
 
     def _keras_hyperparameters(self) -> dict[str, Any]:
         return {**super()._keras_hyperparameters(), "estimator": self.estimator, "chunk_size": self.chunk_size}

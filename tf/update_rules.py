@@ -22,6 +22,7 @@ __all__ = [
     "squared_norm",
     "trust_ratio",
     "lars_local_rates",
+    "effective_rates",
     "decayed_gradient",
     "momentum_buffer",
     "nesterov_weight_step",
@@ -47,37 +48,48 @@ def trust_ratio(num, den):
     return ops.where(usable, num / safe_den, ops.ones_like(num))
 
 
-def lars_local_rates(lr, w_norm, g_norm, *, trust_coefficient, weight_decay, eps, adapt, clip):
-    """Per-tensor effective rates of LARS / LARC / CLARS for one step.
+def lars_local_rates(w_norm, g_norm, *, adapt, decay, trust_coefficient, weight_decay, eps):
+    """The LARS/CLARS local rate ``lambda`` of each tensor (before the global LR), vectorised.
 
-    Math (ALGORITHMS.md, LARS):
+    Math (ALGORITHMS.md, LARS)::
+
         lambda_l = eta * ||w_l|| / (||g_l|| + beta_l * ||w_l|| + eps)   if adapt_l, ||w_l|| > 0, ||g_l|| > 0
                  = 1                                                     otherwise
-        rate_l   = gamma * lambda_l          (LARS)
-                 = min(gamma, lambda_l)      (LARC, ``clip=True``)
-                 = gamma                     (tensor excluded from adaptation)
+
+    with ``beta_l = beta`` where weight decay applies to tensor ``l``, else 0.
+    Same name, arguments and meaning as
+    :func:`hvd_largebatch.torch_impl.momentum_functional.lars_local_rates`.
 
     Args:
-        lr: scalar global learning rate ``gamma``.
         w_norm: vector of ``||w_l||`` (any value where not adapted).
         g_norm: vector of ``||g_l||`` (LARS) or of the mean per-example
             gradient norms ``s_l`` (CLARS).
-        trust_coefficient: ``eta``.
-        weight_decay: vector of ``beta_l``: the weight decay where it applies
-            to tensor l, else 0.
-        eps: the constant added to the denominator.
         adapt: boolean vector, True where the trust ratio applies.
-        clip: LARC mode.
+        decay: boolean vector, True where weight decay applies.
+        trust_coefficient: ``eta``.
+        weight_decay: ``beta``.
+        eps: the constant added to the denominator.
 
     Returns:
-        Vector of the rates that multiply the decayed gradient ``d_l``.
+        Vector of ``lambda_l``; exactly 1 where the tensor is not adapted or
+        either norm is 0, and never NaN or Inf for finite inputs.
     """
+    beta = ops.cast(decay, w_norm.dtype) * weight_decay  # exact: 1 * beta or 0
     usable = ops.logical_and(adapt, ops.logical_and(ops.greater(w_norm, 0), ops.greater(g_norm, 0)))
-    den = g_norm + weight_decay * w_norm + eps
+    den = g_norm + beta * w_norm + eps
     safe_den = ops.where(usable, den, ops.ones_like(den))
-    local = ops.where(usable, trust_coefficient * w_norm / safe_den, ops.ones_like(w_norm))
-    adapted = ops.minimum(lr, local) if clip else lr * local
-    return ops.where(adapt, adapted, lr * ops.ones_like(local))
+    return ops.where(usable, trust_coefficient * w_norm / safe_den, ops.ones_like(w_norm))
+
+
+def effective_rates(local, *, adapt, lr, clip):
+    """The rate multiplying each tensor's decayed gradient: ``gamma * lambda`` (LARS), ``min(gamma, lambda)`` (LARC).
+
+    Tensors excluded from adaptation get ``gamma``. Same name, arguments and
+    meaning as :func:`hvd_largebatch.torch_impl.momentum_functional.effective_rates`.
+    """
+    if clip:
+        return ops.where(adapt, ops.minimum(lr, local), lr * ops.ones_like(local))
+    return lr * local
 
 
 def decayed_gradient(g, w, weight_decay):
