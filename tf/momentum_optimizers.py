@@ -17,7 +17,7 @@ The math is ALGORITHMS.md; the NumPy oracle is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -27,7 +27,7 @@ from keras import ops
 from hvd_largebatch import config
 from hvd_largebatch.schedules import momentum_correction
 from hvd_largebatch.tf import fused_kernels, update_rules
-from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer, tensor_of
+from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer, tensor_of, tensor_path
 
 __all__ = ["SGD", "LARS", "CLARS"]
 
@@ -349,7 +349,7 @@ class CLARS(LARS):
         >>> opt = CLARS(learning_rate=0.1, exclude_from_layer_adaptation=False)
         >>> w = keras.Variable([[1.0, 1.0], [1.0, 1.0]], name="kernel")
         >>> opt.build([w])
-        >>> opt.set_grad_norms([2.0])  # mean per-example norm s = 2: lambda = 0.001 * 2 / 2
+        >>> opt.set_grad_norms({"kernel": 2.0})  # mean per-example norm s = 2: lambda = 0.001 * 2 / 2
         >>> opt.apply([keras.ops.full((2, 2), 0.5)], [w])
         >>> round(float(w.numpy()[0, 0]), 6)
         0.99995
@@ -406,21 +406,44 @@ class CLARS(LARS):
         )
         self.grad_norms_fresh = self.add_variable((), initializer="zeros", dtype="int", name="grad_norms_fresh")
 
-    def set_grad_norms(self, norms: Any) -> None:
-        """Supplies ``s``, one mean per-example gradient norm per variable, for the next step.
+    def set_grad_norms(self, norms: Mapping[Any, Any]) -> None:
+        """Supplies ``s``, the mean per-example gradient norm of each variable, for the next step.
+
+        The same argument as :meth:`hvd_largebatch.torch_impl.CLARS.set_grad_norms`:
+        a mapping from a tensor's full name to its ``s``.
 
         Args:
-            norms: a vector with one entry per variable the optimizer was built
-                on, in that order (``model.trainable_variables``).
+            norms: ``{variable.path (or the variable): s}`` covering every
+                variable the trust ratio applies to; ``s`` a scalar (number or
+                0-d tensor, also inside a ``tf.function``). Entries for
+                variables without adaptation are accepted and not used.
+
+        Raises:
+            ValueError: before ``build``, for a non-mapping, a key that names
+                no variable of the optimizer, a non-scalar value, or a missing
+                adapted variable.
         """
         if not self.built:
             raise ValueError("build the optimizer (optimizer.build(variables)) before set_grad_norms()")
-        norms = ops.reshape(tensor_of(norms, self._scalar_dtype), (-1,))
-        if norms.shape[0] is not None and norms.shape[0] != self.grad_norm_means.shape[0]:
+        if not isinstance(norms, Mapping):
             raise ValueError(
-                f"norms must have one entry per variable ({self.grad_norm_means.shape[0]}), got {norms.shape[0]}"
+                f"norms must be a mapping from variable path (or variable) to s, got {type(norms).__name__}"
             )
-        self.grad_norm_means.assign(norms)
+        index = {path: i for i, path in enumerate(self._paths)}
+        values: list[Any] = [None] * len(self._paths)
+        for key, value in norms.items():
+            path = key if isinstance(key, str) else tensor_path(key)
+            if path not in index:
+                raise ValueError(f"norms has a key {key!r} that names no variable of this optimizer")
+            value = tensor_of(value, self._scalar_dtype)
+            if len(value.shape) != 0:
+                raise ValueError(f"norms[{key!r}] must be a scalar, got shape {tuple(value.shape)}")
+            values[index[path]] = value
+        missing = [path for path, value, adapt in zip(self._paths, values, self._adapt) if value is None and adapt]
+        if missing:
+            raise ValueError(f"norms must cover every adapted variable; missing {', '.join(missing)}")
+        zero = ops.zeros((), dtype=self._scalar_dtype)
+        self.grad_norm_means.assign(ops.stack([zero if value is None else value for value in values]))
         self.grad_norms_fresh.assign(ops.cast(1, self.grad_norms_fresh.dtype))
 
     def _rates(self, grads, variables, indices, lr):

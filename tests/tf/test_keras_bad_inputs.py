@@ -93,13 +93,21 @@ def test_bad_input_raises_a_value_error_naming_the_argument(call, message):
         call()
 
 
-def test_clars_set_grad_norms_needs_one_norm_per_variable():
+def test_clars_set_grad_norms_takes_a_mapping_covering_the_adapted_variables():
     optimizer = CLARS()
     with pytest.raises(ValueError, match=r"build the optimizer"):
-        optimizer.set_grad_norms([1.0])
+        optimizer.set_grad_norms({"kernel": 1.0})
     optimizer.build([keras.Variable([[1.0, 2.0]], name="kernel"), keras.Variable([0.0], name="bias")])
-    with pytest.raises(ValueError, match=r"norms must have one entry per variable \(2\), got 3"):
-        optimizer.set_grad_norms([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"norms must be a mapping from variable path"):
+        optimizer.set_grad_norms([1.0, 2.0])  # a vector, as torch's CLARS refuses too
+    with pytest.raises(ValueError, match=r"norms has a key 'nope' that names no variable"):
+        optimizer.set_grad_norms({"kernel": 1.0, "nope": 2.0})
+    with pytest.raises(ValueError, match=r"norms\['kernel'\] must be a scalar, got shape \(2,\)"):
+        optimizer.set_grad_norms({"kernel": [1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"norms must cover every adapted variable; missing kernel"):
+        optimizer.set_grad_norms({"bias": 1.0})
+    optimizer.set_grad_norms({"kernel": 3.0})  # the bias is not adapted: its entry may be left out
+    assert optimizer.grad_norm_means.numpy().tolist() == [3.0, 0.0]
 
 
 def test_the_per_variable_keras_hook_is_refused_with_a_pointer_to_apply():

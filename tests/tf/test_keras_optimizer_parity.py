@@ -144,7 +144,7 @@ def run_case(
         if is_clars:
             norms = [float(np.linalg.norm(g)) * (1.0 + 0.5 * rng.random()) for g in grads]
             norms[1] = 0.0  # s = 0 gives ratio 1
-            optimizer.set_grad_norms(norms)
+            optimizer.set_grad_norms(dict(zip(paths, norms)))
         optimizer.learning_rate = lr
         step_fn([tf.constant(g) for g in grads])
         params = oracle.step(params, grads, lr, grad_norms=norms)
