@@ -116,14 +116,14 @@ def nesterov_weight_step(m, d, rate, momentum):
 
 
 def lamb_bias_corrections(step, beta_1, beta_2, eps):
-    """Folds LAMB's bias corrections and the slot scaling into two scalars.
+    """Folds LAMB's bias corrections into two scalars.
 
-    The slots hold ``M = mu / (1 - b1)`` and ``N = nu / (1 - b2)`` (see
-    :func:`lamb_moments`). With ``t`` the step,
-    ``mh / (sqrt(nh) + eps) = A * M / (sqrt(N) + e)`` where::
+    With ``t`` the step and the slots holding ``mu`` and ``nu`` (as in
+    torch and ALGORITHMS.md), ``mh / (sqrt(nh) + eps) = A * mu / (sqrt(nu) + e)``
+    where::
 
-        A = sqrt(1 - b2^t) / (1 - b1^t) * (1 - b1) / sqrt(1 - b2)
-        e = eps * sqrt(1 - b2^t) / sqrt(1 - b2)
+        A = sqrt(1 - b2^t) / (1 - b1^t)
+        e = eps * sqrt(1 - b2^t)
 
     two scalars per step instead of four tensor-sized passes per tensor.
 
@@ -131,26 +131,19 @@ def lamb_bias_corrections(step, beta_1, beta_2, eps):
         ``(A, e)``.
     """
     sqrt_1_minus_b2t = ops.sqrt(1.0 - ops.power(beta_2, step))
-    sqrt_1_minus_b2 = ops.sqrt(1.0 - beta_2)
-    scale = sqrt_1_minus_b2t / (1.0 - ops.power(beta_1, step)) * (1.0 - beta_1) / sqrt_1_minus_b2
-    return scale, eps * sqrt_1_minus_b2t / sqrt_1_minus_b2
+    return sqrt_1_minus_b2t / (1.0 - ops.power(beta_1, step)), eps * sqrt_1_minus_b2t
 
 
 def lamb_moments(first, second, g, beta_1, beta_2):
-    """The new slots ``M = b1 * M + g`` and ``N = b2 * N + g * g``.
-
-    They are LAMB's moments divided by constants, ``M = mu / (1 - b1)`` and
-    ``N = nu / (1 - b2)``, which satisfy ``mu = b1 * mu + (1 - b1) * g`` and
-    ``nu = b2 * nu + (1 - b2) * g^2`` with one multiplication fewer each.
-    """
-    return beta_1 * first + g, beta_2 * second + ops.square(g)
+    """LAMB's new moments ``mu = b1 * mu + (1 - b1) * g`` and ``nu = b2 * nu + (1 - b2) * g * g``."""
+    return beta_1 * first + (1.0 - beta_1) * g, beta_2 * second + (1.0 - beta_2) * ops.square(g)
 
 
 def lamb_direction(first, second, w, scaled_eps, decay_over_scale):
     """LAMB's update direction divided by the scalar ``A`` of :func:`lamb_bias_corrections`.
 
     Math (ALGORITHMS.md, LAMB):
-        u / A = M / (sqrt(N) + e) + (beta / A) * w       (beta term only if decay)
+        u / A = mu / (sqrt(nu) + e) + (beta / A) * w     (beta term only if decay)
 
     ``decay_over_scale`` is ``beta / A``, or None when decay does not apply.
     """
