@@ -101,7 +101,9 @@ class ConAdv(keras.Model):
             ``average_losses=True`` trains on the weighted mean
             ``(clean + adv_weight * adversarial) / (1 + adv_weight)``. ``input_range`` must contain the
             data; pass None for unbounded inputs such as standardised signals.
-        seed: seed of the stateless random draws; None picks one at random.
+        seed: seed of the stateless random draws, in [0, 2**31); None picks one at
+            random. Differs from PyTorch's ``seed >= 0`` because Keras's stateless
+            random ops take int32 seeds.
         **kwargs: passed to ``keras.Model`` (e.g. ``name``).
 
     Attributes:
@@ -147,7 +149,6 @@ class ConAdv(keras.Model):
         if not isinstance(base_model, keras.Model):
             raise ValueError(f"base_model must be a keras.Model, got {type(base_model).__name__}")
         if seed is not None:
-            # Keras's stateless random ops take int32 seeds; torch's generator takes any seed >= 0.
             seed = check_int_in_range("seed", seed, 0, 2**31)
         plain = plain_bn_layers(base_model)
         if config.dual_bn and plain:

@@ -51,7 +51,9 @@ def lars_local_rates(
     weight_decay: float,
     eps: float,
 ) -> torch.Tensor:
-    """The LARS/CLARS local rate ``lambda`` of each tensor, vectorised.
+    """The LARS/CLARS local rate ``lambda`` of each tensor (before the global LR), vectorised.
+
+    Same name, arguments and meaning as :func:`hvd_largebatch.tf.update_rules.lars_local_rates`.
 
     Args:
         w_norms: ``||w_i||``, 1-D.
@@ -75,7 +77,10 @@ def lars_local_rates(
 
 
 def effective_rates(local: torch.Tensor, *, adapt: torch.Tensor, lr: float, clip: bool) -> torch.Tensor:
-    """``gamma * lambda_i`` (LARS) or ``min(gamma, lambda_i)`` for adapted tensors (LARC, ``clip=True``)."""
+    """``gamma * lambda_i`` (LARS) or ``min(gamma, lambda_i)`` for adapted tensors (LARC, ``clip=True``).
+
+    Same name, arguments and meaning as :func:`hvd_largebatch.tf.update_rules.effective_rates`.
+    """
     if clip:
         return torch.where(adapt, torch.clamp(local, max=lr), torch.full_like(local, lr))
     return local * lr
@@ -111,8 +116,8 @@ def momentum_update(
         weight_decay: ``beta``.
         decay: per tensor, whether weight decay applies.
         velocity_corrections: per tensor, the momentum-correction factor
-            ``c_i = gamma / gamma_prev`` (1.0 when the correction is off or
-            there is no previous rate).
+            ``c_i = gamma / gamma_prev`` of :func:`hvd_largebatch.schedules.momentum_correction`
+            (1.0 when the correction is off or there is no previous rate).
         nesterov: Nesterov momentum.
         adapt: per tensor, whether the trust ratio applies; None for plain
             momentum SGD (no norms are computed).
