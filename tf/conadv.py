@@ -16,6 +16,7 @@ uniform in ``[-epsilon, epsilon]`` for each example with probability
 Usage, with any optimizer but CLARS (the package's ``DistributedOptimizer`` under
 ``horovodrun``: the adversarial term is part of the gradient it averages)::
 
+    base_model = convert_to_dual_bn(base_model)   # plain BatchNormalization is refused with dual_bn=True
     model = ConAdv(base_model, epsilon=0.1, step_size=0.1, staleness=1, dual_bn=True, input_range=None)
     model.compile(optimizer=DistributedOptimizer(LARS(learning_rate=1.0)),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
