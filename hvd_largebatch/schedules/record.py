@@ -14,8 +14,8 @@ from hvd_largebatch.config import (
     check_positive,
     check_positive_int,
 )
-from hvd_largebatch.schedules.decay import DECAY_KINDS, DECAYS, MILESTONE_UNITS, validated_milestones
-from hvd_largebatch.schedules.warmup import WARMUP_KINDS, WARMUPS
+from hvd_largebatch.schedules.decay import DECAYS, MILESTONE_UNITS, validated_milestones
+from hvd_largebatch.schedules.warmup import WARMUPS
 
 __all__ = ["Schedule"]
 
@@ -98,7 +98,7 @@ class Schedule:
 
         set_field("peak", check_non_negative("peak", self.peak))
         set_field("total_steps", check_positive_int("total_steps", self.total_steps))
-        check_choice("warmup", self.warmup, WARMUP_KINDS)
+        check_choice("warmup", self.warmup, WARMUPS)
         set_field("warmup_steps", check_non_negative_int("warmup_steps", self.warmup_steps))
         if self.warmup_steps > self.total_steps:
             raise ValueError(
@@ -114,7 +114,7 @@ class Schedule:
             if self.warmup_start is None:
                 raise ValueError(f"warmup_start must be a number >= 0 for warmup={self.warmup!r}, got None")
             set_field("warmup_start", check_non_negative("warmup_start", self.warmup_start))
-        check_choice("decay", self.decay, DECAY_KINDS)
+        check_choice("decay", self.decay, DECAYS)  # the live table: a new kind is one DECAYS entry
         check_choice("milestone_unit", self.milestone_unit, MILESTONE_UNITS)
         if self.steps_per_epoch is not None:
             set_field("steps_per_epoch", check_positive_int("steps_per_epoch", self.steps_per_epoch))
