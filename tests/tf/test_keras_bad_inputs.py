@@ -121,3 +121,15 @@ def test_the_per_variable_keras_hook_is_refused_with_a_pointer_to_apply():
 def test_the_switches_are_reported_only_after_build():
     with pytest.raises(ValueError, match=r"decided in build"):
         LARS().tensor_switches
+
+
+def test_create_optimizer_reads_the_core_registry():
+    from hvd_largebatch import config
+    from hvd_largebatch.tf.optimizer_factory import OPTIMIZER_CLASSES
+
+    assert set(OPTIMIZER_CLASSES) == {spec.record_type for spec in config.OPTIMIZERS.values()}
+    with pytest.raises(ValueError) as ours:
+        create_optimizer("larc", clip=False)
+    with pytest.raises(ValueError) as core:
+        config.optimizer_config("larc", clip=False)
+    assert str(ours.value) == str(core.value) == "clip=False contradicts optimizer 'larc', which sets clip=True"
