@@ -36,7 +36,12 @@ from collections.abc import Sequence
 
 import torch
 
-from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype, tensor_norms
+from hvd_largebatch.torch_impl.tensor_lists import (
+    cache_sized_chunks,
+    group_by_device_and_dtype,
+    scalar_or_list,
+    tensor_norms,
+)
 
 __all__ = ["lars_local_rates", "effective_rates", "momentum_update"]
 
@@ -200,10 +205,6 @@ def _single_tensor(params, grads, velocities, decay, corrections, adapt, grad_no
             local_rates_out[i] = local[0]
 
 
-def _uniform_or_list(values: list[float]) -> float | list[float]:
-    return values[0] if all(v == values[0] for v in values) else values
-
-
 def _multi_tensor(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions, *,
                   lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
     # Per chunk: v = m*c*v + rate*g (+ rate*beta*w), then w -= v. No temporary d = g + beta*w is
@@ -218,7 +219,7 @@ def _multi_tensor(params, grads, velocities, decay, corrections, adapt, grad_nor
         w, g, v = list(params[chunk]), list(grads[chunk]), list(velocities[chunk])
         decayed = [i for i, applies in enumerate(decay[chunk]) if applies] if weight_decay != 0 else []
         w_decayed, v_decayed = [w[i] for i in decayed], [v[i] for i in decayed]
-        torch._foreach_mul_(v, _uniform_or_list(scales[chunk]))
+        torch._foreach_mul_(v, scalar_or_list(scales[chunk]))
         if adapt is None:
             torch._foreach_add_(v, g, alpha=lr)
             if decayed:
