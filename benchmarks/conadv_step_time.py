@@ -169,6 +169,7 @@ def keras_worker(batch: int, steps: int, rounds: int, inter_op: int) -> dict[str
     import keras
     from hvd_largebatch.tf import LARS
     from hvd_largebatch.tf.conadv import ConAdv
+    from hvd_largebatch.tf.dual_bn import convert_to_dual_bn
     from hvd_largebatch.bench.keras_model import mnist1d_convnet
 
     rng = np.random.default_rng(0)
@@ -183,8 +184,8 @@ def keras_worker(batch: int, steps: int, rounds: int, inter_op: int) -> dict[str
     settings = dict(epsilon=EPSILON, step_size=EPSILON, input_range=None, seed=0)
     models = {
         "clean": compiled(mnist1d_convnet(seed=0)),
-        "conadv_tau0": compiled(ConAdv(mnist1d_convnet(seed=0), staleness=0, **settings)),
-        "conadv_tau1": compiled(ConAdv(mnist1d_convnet(seed=0), staleness=1, **settings)),
+        "conadv_tau0": compiled(ConAdv(convert_to_dual_bn(mnist1d_convnet(seed=0)), staleness=0, **settings)),
+        "conadv_tau1": compiled(ConAdv(convert_to_dual_bn(mnist1d_convnet(seed=0)), staleness=1, **settings)),
     }
     steppers = {name: (lambda m=model: m.train_on_batch(x, y)) for name, model in models.items()}
     return interleaved(steppers, steps, rounds)

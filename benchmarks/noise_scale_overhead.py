@@ -79,7 +79,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import torch.nn.functional as F
 
     from hvd_largebatch.torch_impl import SGD, DistributedOptimizer, NoiseScaleMonitor
-    from hvd_largebatch.torch_impl.models import MNIST1DConvNet
+    from hvd_largebatch.bench.torch_model import MNIST1DConvNet
 
     hvd.init()
     torch.set_num_threads(args.threads)
@@ -115,7 +115,7 @@ def keras_worker(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import numpy as np
 
     from hvd_largebatch.tf import SGD, DistributedOptimizer, NoiseScaleMonitor
-    from hvd_largebatch.tf.models import mnist1d_convnet
+    from hvd_largebatch.bench.keras_model import mnist1d_convnet
 
     hvd.init()
     rng = np.random.default_rng(hvd.rank())

@@ -37,7 +37,10 @@ __all__ = [
     "CLARSConfig",
     "LAMBConfig",
     "ConAdvConfig",
+    "OptimizerSpec",
+    "OPTIMIZERS",
     "OPTIMIZER_NAMES",
+    "resolve_optimizer",
     "optimizer_config",
     "ExclusionRule",
     "ExclusionSpec",
@@ -119,16 +122,32 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def check_non_negative_int(name: str, value: Any) -> int:
-    """Returns ``value`` as an int, or raises ValueError unless it is an integer >= 0 (a seed, a rank, an epoch)."""
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-        _is_numpy_scalar(value) and float(value).is_integer()
-    ):
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    value = int(value)
-    if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
+def is_integer(value: Any) -> bool:
+    """True for Python and NumPy integers (never bool, never a float), without importing NumPy."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu"
+
+
+def check_int_in_range(name: str, value: Any, low: int, high: int | None = None, *, meaning: str = "") -> int:
+    """Returns ``value`` as an int, or raises ValueError unless it is an integer with ``low <= value < high``.
+
+    Python and NumPy integers are accepted, bools and floats are not. ``high``
+    None means no upper bound; ``meaning`` is added to the message in
+    parentheses (e.g. what the count counts).
+    """
+    if not is_integer(value) or int(value) < low or (high is not None and int(value) >= high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
+        note = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be an integer {allowed}{note}, got {value!r}")
+    return int(value)
+
+
+def check_non_negative_int(name: str, value: Any, *, meaning: str = "") -> int:
+    """Returns ``value`` as an int, or raises ValueError unless it is a Python or NumPy integer >= 0."""
+    return check_int_in_range(name, value, 0, meaning=meaning)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -139,9 +158,10 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[str]) -> str:
-    """Returns ``value``, or raises ValueError unless it is one of ``allowed``."""
+    """Returns ``value``, or raises ValueError unless it is one of ``allowed`` (a bool never stands for 0 or 1)."""
     allowed = tuple(allowed)
-    if value not in allowed:
+    bool_for_number = isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)
+    if bool_for_number or value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
     return value
 
@@ -329,8 +349,7 @@ class ConAdvConfig(_Record):
     def _validate(self) -> None:
         self._set("epsilon", check_positive("epsilon", self.epsilon))
         self._set("step_size", check_positive("step_size", self.step_size))
-        if isinstance(self.staleness, bool) or not isinstance(self.staleness, int) or self.staleness < 0:
-            raise ValueError(f"staleness must be an integer >= 0, got {self.staleness!r}")
+        self._set("staleness", check_non_negative_int("staleness", self.staleness))
         self._set("attack_iters", check_positive_int("attack_iters", self.attack_iters))
         self._set(
             "random_start_prob",
@@ -353,18 +372,65 @@ class ConAdvConfig(_Record):
             self._set("input_range", (low, high))
 
 
-_OPTIMIZERS: dict[str, tuple[type[_Record], dict[str, Any]]] = {
-    "sgd": (SGDConfig, {}),
-    "lars": (LARSConfig, {}),
-    "larc": (LARSConfig, {"clip": True}),
-    "clars": (CLARSConfig, {}),
-    "lamb": (LAMBConfig, {}),
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """What an optimizer name means: a record type and the settings the name fixes.
+
+    Variants are settings, not classes: ``larc`` is the LARS record with
+    ``clip=True``. The fixed fields are spelled alike in the core, PyTorch
+    and Keras, so each framework's ``create_optimizer`` applies them as they are.
+
+    Attributes:
+        record_type: the validated record of the optimizer's hyperparameters.
+        fixed: fields the name sets; passing a different value is an error.
+    """
+
+    record_type: type[_Record]
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+#: The optimizer registry that ``optimizer_config`` and both frameworks' ``create_optimizer`` read.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(SGDConfig),
+    "lars": OptimizerSpec(LARSConfig),
+    "larc": OptimizerSpec(LARSConfig, {"clip": True}),
+    "clars": OptimizerSpec(CLARSConfig),
+    "lamb": OptimizerSpec(LAMBConfig),
 }
 
 #: Names accepted by ``optimizer_config`` and both frameworks' ``create_optimizer``.
-OPTIMIZER_NAMES = tuple(_OPTIMIZERS)
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 
 OptimizerConfig = Union[SGDConfig, LARSConfig, CLARSConfig, LAMBConfig]
+
+
+def resolve_optimizer(name: str, kwargs: Mapping[str, Any]) -> tuple[str, OptimizerSpec, dict[str, Any]]:
+    """Looks ``name`` up in :data:`OPTIMIZERS` and applies the settings it fixes to ``kwargs``.
+
+    Args:
+        name: one of ``OPTIMIZER_NAMES`` (case-insensitive).
+        kwargs: the caller's arguments, in any framework's spelling.
+
+    Returns:
+        ``(key, spec, kwargs_with_fixed_settings)`` with ``key`` the lower-case name.
+
+    Raises:
+        ValueError: unknown ``name``, or an argument that contradicts a
+            setting the name fixes (``clip=False`` for ``"larc"``).
+
+    Example:
+        >>> key, spec, kwargs = resolve_optimizer("LARC", {"lr": 0.2})
+        >>> key, spec.record_type.__name__, kwargs
+        ('larc', 'LARSConfig', {'lr': 0.2, 'clip': True})
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in OPTIMIZERS:
+        raise ValueError(f"name must be one of {', '.join(map(repr, OPTIMIZER_NAMES))}; got {name!r}")
+    spec = OPTIMIZERS[key]
+    for field, value in spec.fixed.items():
+        if field in kwargs and kwargs[field] != value:
+            raise ValueError(f"{field}={kwargs[field]!r} contradicts optimizer {key!r}, which sets {field}={value!r}")
+    return key, spec, {**kwargs, **spec.fixed}
 
 
 def optimizer_config(name: str, **kwargs: Any) -> OptimizerConfig:
@@ -378,20 +444,14 @@ def optimizer_config(name: str, **kwargs: Any) -> OptimizerConfig:
     Raises:
         ValueError: unknown ``name``, unknown argument, or a value out of range.
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in _OPTIMIZERS:
-        raise ValueError(f"name must be one of {', '.join(map(repr, OPTIMIZER_NAMES))}; got {name!r}")
-    record_type, fixed = _OPTIMIZERS[key]
-    for field, value in fixed.items():
-        if field in kwargs and kwargs[field] != value:
-            raise ValueError(f"{field}={kwargs[field]!r} contradicts optimizer {key!r}, which sets {field}={value!r}")
-    known = {f.name for f in dataclasses.fields(record_type)}
+    key, spec, values = resolve_optimizer(name, kwargs)
+    known = {f.name for f in dataclasses.fields(spec.record_type)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(
             f"unknown argument(s) {', '.join(unknown)} for optimizer {key!r}; allowed: {', '.join(sorted(known))}"
         )
-    return record_type(**{**kwargs, **fixed})
+    return spec.record_type(**values)
 
 
 # --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from hvd_largebatch import config as _config
+from hvd_largebatch.schedules import momentum_correction
 
 __all__ = [
     "trust_ratio",
@@ -213,8 +214,9 @@ class ReferenceOptimizer:
         cfg = self.cfg
         velocity = self.state.setdefault("velocity", [np.zeros_like(p) for p in params])
         prev = self.state["prev_lr"]
-        if cfg.momentum_correction and prev is not None and prev != 0:
-            velocity = [v * (lr / prev) for v in velocity]
+        if cfg.momentum_correction and prev is not None:
+            factor = momentum_correction(prev, lr)
+            velocity = [v * factor for v in velocity]
         out, new_velocity = [], []
         for i, (w, g, v) in enumerate(zip(params, grads, velocity)):
             if isinstance(cfg, _config.LARSConfig):

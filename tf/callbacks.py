@@ -44,9 +44,7 @@ LOG_KEY = "learning_rate"
 
 
 def _check_root_rank(root_rank: Any) -> int:
-    if isinstance(root_rank, bool) or not isinstance(root_rank, int) or root_rank < 0:
-        raise ValueError(f"root_rank must be an integer >= 0, got {root_rank!r}")
-    return root_rank
+    return config.check_non_negative_int("root_rank", root_rank)
 
 
 def _refuse_jit_with_horovod(model: keras.Model) -> None:
@@ -162,9 +160,7 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
             raise ValueError(f"schedule must be an hvd_largebatch.schedules.Schedule, got {schedule!r}")
         self.schedule = schedule
         self.momentum_correction = config.check_bool("momentum_correction", momentum_correction)
-        if isinstance(verbose, bool) or verbose not in (0, 1, 2):
-            raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
-        self.verbose = verbose
+        self.verbose = config.check_choice("verbose", verbose, (0, 1, 2))
         self.current_lr: float | None = None
         self._slots: list[Any] | None = None
 
@@ -199,8 +195,8 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
         new_lr = float(self.schedule(int(keras.ops.convert_to_numpy(optimizer.iterations))))
         if self._slots is not None:
             prev_lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-            if prev_lr != 0 and new_lr != prev_lr:
-                factor = new_lr / prev_lr
+            factor = schedules.momentum_correction(prev_lr, new_lr)
+            if factor != 1.0:
                 for slot in self._slots:
                     if slot is not None:
                         slot.assign(slot * factor)

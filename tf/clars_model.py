@@ -46,6 +46,7 @@ from keras import ops
 from hvd_largebatch import config
 from hvd_largebatch.tf import horovod_backend
 from hvd_largebatch.tf.distributed import find_distributed_optimizer, innermost_optimizer
+from hvd_largebatch.tf.large_batch_optimizer import tensor_path
 from hvd_largebatch.tf.momentum_optimizers import CLARS
 from hvd_largebatch.tf.per_example_norms import exact_norm_sums_by_rules, per_example_grad_norm_sums
 
@@ -181,7 +182,8 @@ class CLARSModel(keras.Model):
             hvd = horovod_backend.initialized_horovod()
             total = hvd.allreduce(tf.concat([sums, tf.reshape(count, (1,))], 0), op=hvd.Sum, name="clars_norm_sums")
             sums, count = total[:-1], total[-1]
-        clars.set_grad_norms(sums / count)
+        means = ops.unstack(sums / count, num=len(variables))
+        clars.set_grad_norms({tensor_path(v): s for v, s in zip(variables, means)})
 
         # 3. Moving averages as Keras's update would have left them: old * m + batch * (1 - m).
         for layer, (old_mean, old_var), momentum in zip(norm_layers, saved, momenta):

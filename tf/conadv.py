@@ -16,6 +16,7 @@ uniform in ``[-epsilon, epsilon]`` for each example with probability
 Usage, with any optimizer but CLARS (the package's ``DistributedOptimizer`` under
 ``horovodrun``: the adversarial term is part of the gradient it averages)::
 
+    base_model = convert_to_dual_bn(base_model)   # plain BatchNormalization is refused with dual_bn=True
     model = ConAdv(base_model, epsilon=0.1, step_size=0.1, staleness=1, dual_bn=True, input_range=None)
     model.compile(optimizer=DistributedOptimizer(LARS(learning_rate=1.0)),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
@@ -47,9 +48,10 @@ How the train step does it:
 * With ``dual_bn=True`` the adversarial forward passes (attack and training)
   go through the auxiliary BatchNorm; ``evaluate``/``predict``/``call`` use the
   main BatchNorm only. A base model with plain ``BatchNormalization`` layers is
-  converted with :func:`~hvd_largebatch.tf.dual_bn.convert_to_dual_bn`: the
-  wrapper then trains a *copy*, available as ``model.base_model``, and the
-  object you passed is left untouched.
+  refused, as in PyTorch: convert it first with
+  ``base_model = convert_to_dual_bn(base_model)``
+  (:func:`~hvd_largebatch.tf.dual_bn.convert_to_dual_bn`, which returns a new
+  model), so the object you hold is the one that trains.
 * Random draws are stateless, seeded by ``(seed, t)``: reproducible, and not
   reset by a broadcast of the model's variables. Under Horovod pass a
   rank-dependent ``seed`` if you want different noise on each rank.
@@ -72,9 +74,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from hvd_largebatch.config import ConAdvConfig
+from hvd_largebatch.config import ConAdvConfig, check_int_in_range
+from hvd_largebatch.errors import plain_batchnorm_with_dual_bn
 from hvd_largebatch.tf.distributed import innermost_optimizer
-from hvd_largebatch.tf.dual_bn import auxiliary_bn, convert_to_dual_bn, plain_bn_layers
+from hvd_largebatch.tf.dual_bn import auxiliary_bn, plain_bn_layers
 from hvd_largebatch.tf.momentum_optimizers import CLARS
 
 __all__ = ["ConAdv"]
@@ -88,9 +91,10 @@ class ConAdv(keras.Model):
 
     Args:
         base_model: a Keras model mapping inputs to class scores (logits or
-            probabilities, as the compiled loss expects). A model with plain
-            BatchNormalization layers to convert must be built (give it an
-            ``Input``); one without is built on the first batch if need be.
+            probabilities, as the compiled loss expects). With ``dual_bn=True``
+            its BatchNormalization layers must be dual (convert it first with
+            :func:`~hvd_largebatch.tf.dual_bn.convert_to_dual_bn`); a model is
+            built on the first batch if need be.
         epsilon, step_size, staleness, attack_iters, random_start_prob, targeted,
             adv_weight, dual_bn, input_range, average_losses: the ConAdv
             hyperparameters of ``hvd_largebatch.config.ConAdvConfig`` (same
@@ -98,16 +102,19 @@ class ConAdv(keras.Model):
             ``average_losses=True`` trains on the weighted mean
             ``(clean + adv_weight * adversarial) / (1 + adv_weight)``. ``input_range`` must contain the
             data; pass None for unbounded inputs such as standardised signals.
-        seed: seed of the stateless random draws; None picks one at random.
+        seed: seed of the stateless random draws, in [0, 2**31); None picks one at
+            random. Differs from PyTorch's ``seed >= 0`` because Keras's stateless
+            random ops take int32 seeds.
         **kwargs: passed to ``keras.Model`` (e.g. ``name``).
 
     Attributes:
-        base_model: the model being trained (a dual-BatchNorm copy when the
-            given one had plain BatchNormalization layers and ``dual_bn``).
+        base_model: the model being trained (the one given).
         conadv_config: the validated ``ConAdvConfig``.
 
     Raises:
-        ValueError: a bad argument, naming it and the allowed values.
+        ValueError: a bad argument, naming it and the allowed values; also
+            ``dual_bn=True`` with plain BatchNormalization layers (the message
+            says how to convert, the same as PyTorch's).
     """
 
     def __init__(
@@ -142,11 +149,12 @@ class ConAdv(keras.Model):
         )
         if not isinstance(base_model, keras.Model):
             raise ValueError(f"base_model must be a keras.Model, got {type(base_model).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
-            raise ValueError(f"seed must be None or an integer in [0, 2**31), got {seed!r}")
+        if seed is not None:
+            seed = check_int_in_range("seed", seed, 0, 2**31)
+        plain = plain_bn_layers(base_model)
+        if config.dual_bn and plain:
+            raise plain_batchnorm_with_dual_bn("hvd_largebatch.tf", [layer.name for layer in plain])
         super().__init__(**kwargs)
-        if config.dual_bn and plain_bn_layers(base_model):
-            base_model = convert_to_dual_bn(base_model)
         self.conadv_config = config
         self.base_model = base_model
         self.seed = random.randrange(2**31) if seed is None else seed

@@ -30,22 +30,22 @@ def squared_norm(x):
     return 2.0 * tf.nn.l2_loss(x)
 
 
-def apply_momentum(variable, momentum_slot, d, rate, velocity_factor) -> None:
-    """In place: ``m = c * m - rate * d`` then ``w = w + m`` (no Nesterov), one kernel.
+def apply_momentum(variable, momentum_slot, d, rate, velocity_scale) -> None:
+    """In place: ``m = velocity_scale * m - rate * d`` then ``w = w + m`` (no Nesterov), one kernel.
 
     Args:
         variable: the weight (a Keras variable).
         momentum_slot: its momentum slot ``m = -v`` (a Keras variable).
         d: the decayed gradient.
         rate: this tensor's rate (scalar, the variable's dtype).
-        velocity_factor: ``c`` (scalar, the variable's dtype).
+        velocity_scale: ``momentum * c``, ``c`` the momentum-correction factor (scalar, the variable's dtype).
     """
     tf.raw_ops.ResourceApplyKerasMomentum(
         var=variable.handle,
         accum=momentum_slot.handle,
         lr=rate,
         grad=d,
-        momentum=velocity_factor,
+        momentum=velocity_scale,
         use_locking=False,
         use_nesterov=False,
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from hvd_largebatch.errors import HorovodNotInitialisedError
+
 __all__ = ["initialized_horovod", "horovod_is_running", "refuse_xla"]
 
 
@@ -28,11 +30,11 @@ def initialized_horovod() -> ModuleType:
     """``horovod.tensorflow``, after checking that ``hvd.init()`` was called.
 
     Raises:
-        ValueError: when Horovod is not initialised.
+        HorovodNotInitialisedError: a ``RuntimeError``, as in ``hvd_largebatch.torch_impl``.
     """
     hvd = _import_horovod()
     if not hvd.is_initialized():
-        raise ValueError("Horovod is not initialised: call horovod.tensorflow.init() before training")
+        raise HorovodNotInitialisedError("horovod.tensorflow")
     return hvd
 
 

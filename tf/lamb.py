@@ -35,10 +35,14 @@ class LAMB(LargeBatchOptimizer):
         decoupled; biases and normalisation parameters are excluded from
         decay and adaptation by default; a step with non-finite gradients is
         skipped (``t`` counts applied steps only, ``iterations`` counts all).
-        The slots hold ``mu / (1 - b1)`` and ``nu / (1 - b2)`` and the bias
-        corrections are folded into two scalars (see
+        The slots ``first_moments`` and ``second_moments`` hold ``mu`` and
+        ``nu`` as above, the same quantities as torch's ``exp_avg`` and
+        ``exp_avg_sq``; the bias corrections are folded into two scalars (see
         :func:`hvd_largebatch.tf.update_rules.lamb_bias_corrections`), which
-        saves passes over memory and changes nothing but rounding.
+        saves passes over memory and changes nothing but rounding. Weights
+        saved by an earlier version, whose slots held ``mu / (1 - b1)`` and
+        ``nu / (1 - b2)``, are recognised on load (they lack the
+        ``moment_format`` variable) and converted.
 
     Args:
         learning_rate: ``gamma``: a number, a ``LearningRateSchedule`` or a callable.
@@ -97,10 +101,25 @@ class LAMB(LargeBatchOptimizer):
         self.epsilon = cfg.eps
 
     def _build_slots(self, variables: Sequence[Any]) -> None:
-        # M = mu / (1 - b1) and N = nu / (1 - b2): see update_rules.lamb_moments.
+        # mu and nu of ALGORITHMS.md, as torch's exp_avg and exp_avg_sq.
         self.first_moments, self.second_moments = self.add_optimizer_variables(
             variables, ["first_moment", "second_moment"]
         )
+        # Marks the slot contents (1: mu and nu). Created last, so weights saved before it
+        # existed (slots holding mu / (1 - b1) and nu / (1 - b2)) have one variable fewer.
+        self.moment_format = self.add_variable((), initializer="ones", dtype="int", name="moment_format")
+
+    def load_own_variables(self, store) -> None:
+        """Loads saved optimizer variables; converts those saved when the slots held ``mu / (1 - b1)``."""
+        if not self.built or len(store.keys()) != len(self.variables) - 1:
+            super().load_own_variables(store)
+            return
+        for i, variable in enumerate(self.variables[:-1]):  # all but moment_format, the last one
+            variable.assign(store[str(i)])
+        for slots, beta in ((self.first_moments, self.core_config.beta1), (self.second_moments, self.core_config.beta2)):
+            for slot in slots:
+                slot.assign(slot * tensor_of(1.0 - beta, slot.dtype))
+        self.moment_format.assign(ops.cast(1, self.moment_format.dtype))
 
     def _batched_update(self, grads, variables, indices, lr) -> None:
         cfg = self.core_config

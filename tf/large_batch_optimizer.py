@@ -43,14 +43,10 @@ import tensorflow as tf
 from keras import ops
 
 from hvd_largebatch import config
-from hvd_largebatch.tf import fused_kernels, update_rules
+from hvd_largebatch.tf import core_spelling, fused_kernels, update_rules
 from hvd_largebatch.tf.mixed_precision import check_variable_dtypes
 
-__all__ = ["LargeBatchOptimizer", "KERAS_TO_CORE_NAMES", "tensor_path", "tensor_of"]
-
-#: Keras argument names and the names of the same fields in hvd_largebatch.config.
-KERAS_TO_CORE_NAMES = {"learning_rate": "lr", "epsilon": "eps", "beta_1": "beta1", "beta_2": "beta2"}
-_CORE_TO_KERAS_NAMES = {core: keras_name for keras_name, core in KERAS_TO_CORE_NAMES.items()}
+__all__ = ["LargeBatchOptimizer", "tensor_path", "tensor_of"]
 
 
 def tensor_path(variable: Any) -> str:
@@ -67,15 +63,6 @@ def tensor_of(value: Any, dtype: str) -> Any:
     if ops.is_tensor(value) or isinstance(value, keras.Variable):
         return ops.cast(value, dtype)
     return ops.convert_to_tensor(value, dtype=dtype)
-
-
-def _in_keras_spelling(error: ValueError) -> ValueError:
-    """Rewrites a config error that names a core field (``lr``) with the Keras name (``learning_rate``)."""
-    message = str(error)
-    for core, keras_name in _CORE_TO_KERAS_NAMES.items():
-        if message.startswith(core + " "):
-            return ValueError(keras_name + message[len(core):])
-    return ValueError(message)
 
 
 def _is_number(value: Any) -> bool:
@@ -115,7 +102,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         **kwargs: Any,
     ):
         config.check_bool("fused", fused)
-        core_fields = {KERAS_TO_CORE_NAMES.get(k, k): v for k, v in hyperparameters.items()}
+        core_fields = core_spelling.to_core(hyperparameters)
         if _is_number(learning_rate):
             core_fields["lr"] = learning_rate
         elif not callable(learning_rate):
@@ -126,7 +113,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         try:
             core_config = config.optimizer_config(self.core_name, nonfinite=nonfinite, **core_fields)
         except ValueError as err:
-            raise _in_keras_spelling(err) from None
+            raise core_spelling.error_in_keras_spelling(err) from None
         super().__init__(
             learning_rate=core_config.lr if _is_number(learning_rate) else learning_rate,
             weight_decay=None,  # ours is coupled and applied inside the update, see _apply_weight_decay

@@ -17,7 +17,7 @@ The math is ALGORITHMS.md; the NumPy oracle is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -25,8 +25,9 @@ import tensorflow as tf
 from keras import ops
 
 from hvd_largebatch import config
+from hvd_largebatch.schedules import momentum_correction
 from hvd_largebatch.tf import fused_kernels, update_rules
-from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer, tensor_of
+from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer, tensor_of, tensor_path
 
 __all__ = ["SGD", "LARS", "CLARS"]
 
@@ -52,24 +53,26 @@ class _MomentumRule(LargeBatchOptimizer):
     def _batched_update(self, grads, variables, indices, lr) -> None:
         cfg = self.core_config
         rates, finite = self._rates(grads, variables, indices, lr)
-        velocity_factor = update_rules.momentum_coefficient(
-            cfg.momentum, lr, self.prev_learning_rate, cfg.momentum_correction
+        # c = gamma_t / gamma_prev (1 before the first step), the core's factor; never includes m.
+        correction = (
+            momentum_correction(self.prev_learning_rate, lr, xp=ops) if cfg.momentum_correction else ops.ones_like(lr)
         )
+        velocity_scale = tensor_of(cfg.momentum, self._scalar_dtype) * correction
 
         def apply_all():
             rate_list = ops.unstack(rates)
             for g, w, i, rate in zip(grads, variables, indices, rate_list):
                 dtype = w.dtype
                 m = self.momentums[i]
-                rate, factor = ops.cast(rate, dtype), ops.cast(velocity_factor, dtype)
+                rate, scale = ops.cast(rate, dtype), ops.cast(velocity_scale, dtype)
                 d = update_rules.decayed_gradient(
                     g, w, tensor_of(cfg.weight_decay, dtype) if self._decay[i] else None
                 )
                 if self.fused and not cfg.nesterov:
-                    fused_kernels.apply_momentum(w, m, d, rate, factor)
+                    fused_kernels.apply_momentum(w, m, d, rate, scale)
                     continue
                 # Assign the slot, then read it back: the new value is never copied.
-                self.assign(m, update_rules.momentum_buffer(m, d, rate, factor))
+                self.assign(m, update_rules.momentum_buffer(m, d, rate, scale))
                 if cfg.nesterov:
                     self.assign_add(w, update_rules.nesterov_weight_step(m, d, rate, tensor_of(cfg.momentum, dtype)))
                 else:
@@ -263,9 +266,8 @@ class LARS(_MomentumRule):
         """Hook for CLARS, which pops its own arguments out of ``kwargs``."""
         return {}
 
-    def _weight_decay_vector(self, indices):
-        beta = self.core_config.weight_decay
-        return ops.convert_to_tensor([beta if self._decay[i] else 0.0 for i in indices], dtype=self._scalar_dtype)
+    def _decay_vector(self, indices):
+        return ops.convert_to_tensor([self._decay[i] for i in indices], dtype="bool")
 
     def _adapt_vector(self, indices):
         return ops.convert_to_tensor([self._adapt[i] for i in indices], dtype="bool")
@@ -276,18 +278,21 @@ class LARS(_MomentumRule):
             self._stack_scalars([self._squared_norm(w) if self._adapt[i] else zero for w, i in zip(variables, indices)])
         )
 
-    def _local_rates(self, lr, w_norm, g_norm, indices):
+    def _effective_rates(self, lr, w_norm, g_norm, indices):
+        """The per-tensor rates ``gamma * lambda`` (or LARC's ``min(gamma, lambda)``) of this step."""
         cfg = self.core_config
-        return update_rules.lars_local_rates(
-            lr,
+        sd = self._scalar_dtype
+        adapt = self._adapt_vector(indices)
+        local = update_rules.lars_local_rates(
             w_norm,
             g_norm,
-            trust_coefficient=tensor_of(cfg.trust_coefficient, self._scalar_dtype),
-            weight_decay=self._weight_decay_vector(indices),
-            eps=tensor_of(cfg.eps, self._scalar_dtype),
-            adapt=self._adapt_vector(indices),
-            clip=cfg.clip,
+            adapt=adapt,
+            decay=self._decay_vector(indices),
+            trust_coefficient=tensor_of(cfg.trust_coefficient, sd),
+            weight_decay=tensor_of(cfg.weight_decay, sd),
+            eps=tensor_of(cfg.eps, sd),
         )
+        return update_rules.effective_rates(local, adapt=adapt, lr=lr, clip=cfg.clip)
 
     def _rates(self, grads, variables, indices, lr):
         # ||g||^2 for adapted tensors (needed anyway; also tells finiteness), sum(g) for the others.
@@ -298,7 +303,7 @@ class LARS(_MomentumRule):
         adapt = self._adapt_vector(indices)
         g_norm = ops.sqrt(ops.where(adapt, ops.where(ops.isfinite(g_stats), g_stats, 0), 0))
         w_norm = self._norms_of_weights(variables, indices)
-        return self._local_rates(lr, w_norm, g_norm, indices), finite
+        return self._effective_rates(lr, w_norm, g_norm, indices), finite
 
     def _keras_hyperparameters(self) -> dict[str, Any]:
         cfg = self.core_config
@@ -344,7 +349,7 @@ class CLARS(LARS):
         >>> opt = CLARS(learning_rate=0.1, exclude_from_layer_adaptation=False)
         >>> w = keras.Variable([[1.0, 1.0], [1.0, 1.0]], name="kernel")
         >>> opt.build([w])
-        >>> opt.set_grad_norms([2.0])  # mean per-example norm s = 2: lambda = 0.001 * 2 / 2
+        >>> opt.set_grad_norms({"kernel": 2.0})  # mean per-example norm s = 2: lambda = 0.001 * 2 / 2
         >>> opt.apply([keras.ops.full((2, 2), 0.5)], [w])
         >>> round(float(w.numpy()[0, 0]), 6)
         0.99995
@@ -401,21 +406,44 @@ class CLARS(LARS):
         )
         self.grad_norms_fresh = self.add_variable((), initializer="zeros", dtype="int", name="grad_norms_fresh")
 
-    def set_grad_norms(self, norms: Any) -> None:
-        """Supplies ``s``, one mean per-example gradient norm per variable, for the next step.
+    def set_grad_norms(self, norms: Mapping[Any, Any]) -> None:
+        """Supplies ``s``, the mean per-example gradient norm of each variable, for the next step.
+
+        The same argument as :meth:`hvd_largebatch.torch_impl.CLARS.set_grad_norms`:
+        a mapping from a tensor's full name to its ``s``.
 
         Args:
-            norms: a vector with one entry per variable the optimizer was built
-                on, in that order (``model.trainable_variables``).
+            norms: ``{variable.path (or the variable): s}`` covering every
+                variable the trust ratio applies to; ``s`` a scalar (number or
+                0-d tensor, also inside a ``tf.function``). Entries for
+                variables without adaptation are accepted and not used.
+
+        Raises:
+            ValueError: before ``build``, for a non-mapping, a key that names
+                no variable of the optimizer, a non-scalar value, or a missing
+                adapted variable.
         """
         if not self.built:
             raise ValueError("build the optimizer (optimizer.build(variables)) before set_grad_norms()")
-        norms = ops.reshape(tensor_of(norms, self._scalar_dtype), (-1,))
-        if norms.shape[0] is not None and norms.shape[0] != self.grad_norm_means.shape[0]:
+        if not isinstance(norms, Mapping):
             raise ValueError(
-                f"norms must have one entry per variable ({self.grad_norm_means.shape[0]}), got {norms.shape[0]}"
+                f"norms must be a mapping from variable path (or variable) to s, got {type(norms).__name__}"
             )
-        self.grad_norm_means.assign(norms)
+        index = {path: i for i, path in enumerate(self._paths)}
+        values: list[Any] = [None] * len(self._paths)
+        for key, value in norms.items():
+            path = key if isinstance(key, str) else tensor_path(key)
+            if path not in index:
+                raise ValueError(f"norms has a key {key!r} that names no variable of this optimizer")
+            value = tensor_of(value, self._scalar_dtype)
+            if len(value.shape) != 0:
+                raise ValueError(f"norms[{key!r}] must be a scalar, got shape {tuple(value.shape)}")
+            values[index[path]] = value
+        missing = [path for path, value, adapt in zip(self._paths, values, self._adapt) if value is None and adapt]
+        if missing:
+            raise ValueError(f"norms must cover every adapted variable; missing {', '.join(missing)}")
+        zero = ops.zeros((), dtype=self._scalar_dtype)
+        self.grad_norm_means.assign(ops.stack([zero if value is None else value for value in values]))
         self.grad_norms_fresh.assign(ops.cast(1, self.grad_norms_fresh.dtype))
 
     def _rates(self, grads, variables, indices, lr):
@@ -435,7 +463,7 @@ class CLARS(LARS):
         finite = ops.logical_and(self._all_finite(sums), self._all_finite(s))
         w_norm = self._norms_of_weights(variables, indices)
         s = ops.where(ops.isfinite(s), s, 0)
-        return self._local_rates(lr, w_norm, s, indices), finite
+        return self._effective_rates(lr, w_norm, s, indices), finite
 
     def _keras_hyperparameters(self) -> dict[str, Any]:
         return {**super()._keras_hyperparameters(), "estimator": self.estimator, "chunk_size": self.chunk_size}

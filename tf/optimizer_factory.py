@@ -1,6 +1,9 @@
 """``create_optimizer(name, **kwargs)``: the package's Keras optimizers by name.
 
-Variants are settings, not classes: ``"larc"`` is ``LARS(clip=True)``.
+Variants are settings, not classes: ``"larc"`` is ``LARS(clip=True)``. The
+names and the settings each name fixes come from the core registry
+:data:`hvd_largebatch.config.OPTIMIZERS`; this module only maps each core
+record type to the Keras class that implements it.
 """
 
 from __future__ import annotations
@@ -12,16 +15,15 @@ from hvd_largebatch.tf.lamb import LAMB
 from hvd_largebatch.tf.large_batch_optimizer import LargeBatchOptimizer
 from hvd_largebatch.tf.momentum_optimizers import CLARS, LARS, SGD
 
-__all__ = ["create_optimizer"]
+__all__ = ["create_optimizer", "OPTIMIZER_CLASSES"]
 
-_CLASSES: dict[str, tuple[type[LargeBatchOptimizer], dict[str, Any]]] = {
-    "sgd": (SGD, {}),
-    "lars": (LARS, {}),
-    "larc": (LARS, {"clip": True}),
-    "clars": (CLARS, {}),
-    "lamb": (LAMB, {}),
+#: Core record type -> the Keras class that implements it (the same table as ``hvd_largebatch.torch_impl``'s).
+OPTIMIZER_CLASSES: dict[type, type[LargeBatchOptimizer]] = {
+    config.SGDConfig: SGD,
+    config.LARSConfig: LARS,
+    config.CLARSConfig: CLARS,
+    config.LAMBConfig: LAMB,
 }
-assert set(_CLASSES) == set(config.OPTIMIZER_NAMES), "keep in step with hvd_largebatch.config"
 
 
 def create_optimizer(name: str, **kwargs: Any) -> LargeBatchOptimizer:
@@ -43,13 +45,6 @@ def create_optimizer(name: str, **kwargs: Any) -> LargeBatchOptimizer:
         >>> type(opt).__name__, opt.clip
         ('LARS', True)
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in _CLASSES:
-        raise ValueError(f"name must be one of {', '.join(map(repr, config.OPTIMIZER_NAMES))}; got {name!r}")
-    cls, fixed = _CLASSES[key]
-    for field, value in fixed.items():
-        if field in kwargs and kwargs[field] != value:
-            raise ValueError(f"{field}={kwargs[field]!r} contradicts optimizer {key!r}, which sets {field}={value!r}")
-    kwargs = {**kwargs, **fixed}
+    key, spec, kwargs = config.resolve_optimizer(name, kwargs)
     kwargs.setdefault("name", key)
-    return cls(**kwargs)
+    return OPTIMIZER_CLASSES[spec.record_type](**kwargs)

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from hvd_largebatch import config
 from hvd_largebatch.schedules import Schedule
 
 __all__ = ["ScheduleAdapter"]
@@ -57,8 +58,8 @@ class ScheduleAdapter(keras.optimizers.schedules.LearningRateSchedule):
             raise ValueError(f"schedule must be an hvd_largebatch.schedules.Schedule, got {schedule!r}")
         if schedule.total_steps >= _MAX_TABLE_STEPS:
             raise ValueError(f"schedule.total_steps must be < {_MAX_TABLE_STEPS}, got {schedule.total_steps}")
-        if dtype is not None and dtype not in ("float16", "bfloat16", "float32", "float64"):
-            raise ValueError(f"dtype must be None or a float dtype name, got {dtype!r}")
+        if dtype is not None:
+            config.check_choice("dtype", dtype, ("float16", "bfloat16", "float32", "float64"))
         self.schedule = schedule
         self.dtype = dtype
         self._table = np.array([schedule(t) for t in range(schedule.total_steps + 1)], dtype=np.float64)

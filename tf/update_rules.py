@@ -22,7 +22,7 @@ __all__ = [
     "squared_norm",
     "trust_ratio",
     "lars_local_rates",
-    "momentum_coefficient",
+    "effective_rates",
     "decayed_gradient",
     "momentum_buffer",
     "nesterov_weight_step",
@@ -48,52 +48,48 @@ def trust_ratio(num, den):
     return ops.where(usable, num / safe_den, ops.ones_like(num))
 
 
-def lars_local_rates(lr, w_norm, g_norm, *, trust_coefficient, weight_decay, eps, adapt, clip):
-    """Per-tensor effective rates of LARS / LARC / CLARS for one step.
+def lars_local_rates(w_norm, g_norm, *, adapt, decay, trust_coefficient, weight_decay, eps):
+    """The LARS/CLARS local rate ``lambda`` of each tensor (before the global LR), vectorised.
 
-    Math (ALGORITHMS.md, LARS):
+    Math (ALGORITHMS.md, LARS)::
+
         lambda_l = eta * ||w_l|| / (||g_l|| + beta_l * ||w_l|| + eps)   if adapt_l, ||w_l|| > 0, ||g_l|| > 0
                  = 1                                                     otherwise
-        rate_l   = gamma * lambda_l          (LARS)
-                 = min(gamma, lambda_l)      (LARC, ``clip=True``)
-                 = gamma                     (tensor excluded from adaptation)
+
+    with ``beta_l = beta`` where weight decay applies to tensor ``l``, else 0.
+    Same name, arguments and meaning as
+    :func:`hvd_largebatch.torch_impl.momentum_functional.lars_local_rates`.
 
     Args:
-        lr: scalar global learning rate ``gamma``.
         w_norm: vector of ``||w_l||`` (any value where not adapted).
         g_norm: vector of ``||g_l||`` (LARS) or of the mean per-example
             gradient norms ``s_l`` (CLARS).
-        trust_coefficient: ``eta``.
-        weight_decay: vector of ``beta_l``: the weight decay where it applies
-            to tensor l, else 0.
-        eps: the constant added to the denominator.
         adapt: boolean vector, True where the trust ratio applies.
-        clip: LARC mode.
+        decay: boolean vector, True where weight decay applies.
+        trust_coefficient: ``eta``.
+        weight_decay: ``beta``.
+        eps: the constant added to the denominator.
 
     Returns:
-        Vector of the rates that multiply the decayed gradient ``d_l``.
+        Vector of ``lambda_l``; exactly 1 where the tensor is not adapted or
+        either norm is 0, and never NaN or Inf for finite inputs.
     """
+    beta = ops.cast(decay, w_norm.dtype) * weight_decay  # exact: 1 * beta or 0
     usable = ops.logical_and(adapt, ops.logical_and(ops.greater(w_norm, 0), ops.greater(g_norm, 0)))
-    den = g_norm + weight_decay * w_norm + eps
+    den = g_norm + beta * w_norm + eps
     safe_den = ops.where(usable, den, ops.ones_like(den))
-    local = ops.where(usable, trust_coefficient * w_norm / safe_den, ops.ones_like(w_norm))
-    adapted = ops.minimum(lr, local) if clip else lr * local
-    return ops.where(adapt, adapted, lr * ops.ones_like(local))
+    return ops.where(usable, trust_coefficient * w_norm / safe_den, ops.ones_like(w_norm))
 
 
-def momentum_coefficient(momentum, lr, prev_lr, correction: bool):
-    """The factor ``c`` applied to the velocity before adding the new step.
+def effective_rates(local, *, adapt, lr, clip):
+    """The rate multiplying each tensor's decayed gradient: ``gamma * lambda`` (LARS), ``min(gamma, lambda)`` (LARC).
 
-    With momentum correction (Goyal et al. 2017, section 2.2) the velocity,
-    which holds the LR, is first rescaled by ``gamma_t / gamma_prev``, so
-    ``c = m * gamma_t / gamma_prev``; without it, or when
-    ``gamma_prev == 0`` (also the value before the first step), ``c = m``.
+    Tensors excluded from adaptation get ``gamma``. Same name, arguments and
+    meaning as :func:`hvd_largebatch.torch_impl.momentum_functional.effective_rates`.
     """
-    if not correction:
-        return ops.convert_to_tensor(momentum, dtype=lr.dtype)
-    usable = ops.not_equal(prev_lr, 0)
-    safe_prev = ops.where(usable, prev_lr, ops.ones_like(prev_lr))
-    return momentum * ops.where(usable, lr / safe_prev, ops.ones_like(lr))
+    if clip:
+        return ops.where(adapt, ops.minimum(lr, local), lr * ops.ones_like(local))
+    return lr * local
 
 
 def decayed_gradient(g, w, weight_decay):
@@ -101,14 +97,17 @@ def decayed_gradient(g, w, weight_decay):
     return g if weight_decay is None else g + weight_decay * w
 
 
-def momentum_buffer(m, d, rate, velocity_factor):
+def momentum_buffer(m, d, rate, velocity_scale):
     """The new momentum slot ``m = -v`` of the "LR inside the velocity" step.
 
-    Math (ALGORITHMS.md, SGD and LARS), with ``c`` from :func:`momentum_coefficient`:
-        v = c * v + rate * d       i.e.   m = c * m - rate * d
-        w = w - v                  i.e.   w = w + m
+    Math (ALGORITHMS.md, SGD and LARS), with ``velocity_scale = momentum * c`` and
+    ``c`` the momentum-correction factor of
+    :func:`hvd_largebatch.schedules.momentum_correction` (1 without correction)::
+
+        v = momentum * c * v + rate * d       i.e.   m = velocity_scale * m - rate * d
+        w = w - v                             i.e.   w = w + m
     """
-    return velocity_factor * m - rate * d
+    return velocity_scale * m - rate * d
 
 
 def nesterov_weight_step(m, d, rate, momentum):
@@ -117,14 +116,14 @@ def nesterov_weight_step(m, d, rate, momentum):
 
 
 def lamb_bias_corrections(step, beta_1, beta_2, eps):
-    """Folds LAMB's bias corrections and the slot scaling into two scalars.
+    """Folds LAMB's bias corrections into two scalars.
 
-    The slots hold ``M = mu / (1 - b1)`` and ``N = nu / (1 - b2)`` (see
-    :func:`lamb_moments`). With ``t`` the step,
-    ``mh / (sqrt(nh) + eps) = A * M / (sqrt(N) + e)`` where::
+    With ``t`` the step and the slots holding ``mu`` and ``nu`` (as in
+    torch and ALGORITHMS.md), ``mh / (sqrt(nh) + eps) = A * mu / (sqrt(nu) + e)``
+    where::
 
-        A = sqrt(1 - b2^t) / (1 - b1^t) * (1 - b1) / sqrt(1 - b2)
-        e = eps * sqrt(1 - b2^t) / sqrt(1 - b2)
+        A = sqrt(1 - b2^t) / (1 - b1^t)
+        e = eps * sqrt(1 - b2^t)
 
     two scalars per step instead of four tensor-sized passes per tensor.
 
@@ -132,26 +131,19 @@ def lamb_bias_corrections(step, beta_1, beta_2, eps):
         ``(A, e)``.
     """
     sqrt_1_minus_b2t = ops.sqrt(1.0 - ops.power(beta_2, step))
-    sqrt_1_minus_b2 = ops.sqrt(1.0 - beta_2)
-    scale = sqrt_1_minus_b2t / (1.0 - ops.power(beta_1, step)) * (1.0 - beta_1) / sqrt_1_minus_b2
-    return scale, eps * sqrt_1_minus_b2t / sqrt_1_minus_b2
+    return sqrt_1_minus_b2t / (1.0 - ops.power(beta_1, step)), eps * sqrt_1_minus_b2t
 
 
 def lamb_moments(first, second, g, beta_1, beta_2):
-    """The new slots ``M = b1 * M + g`` and ``N = b2 * N + g * g``.
-
-    They are LAMB's moments divided by constants, ``M = mu / (1 - b1)`` and
-    ``N = nu / (1 - b2)``, which satisfy ``mu = b1 * mu + (1 - b1) * g`` and
-    ``nu = b2 * nu + (1 - b2) * g^2`` with one multiplication fewer each.
-    """
-    return beta_1 * first + g, beta_2 * second + ops.square(g)
+    """LAMB's new moments ``mu = b1 * mu + (1 - b1) * g`` and ``nu = b2 * nu + (1 - b2) * g * g``."""
+    return beta_1 * first + (1.0 - beta_1) * g, beta_2 * second + (1.0 - beta_2) * ops.square(g)
 
 
 def lamb_direction(first, second, w, scaled_eps, decay_over_scale):
     """LAMB's update direction divided by the scalar ``A`` of :func:`lamb_bias_corrections`.
 
     Math (ALGORITHMS.md, LAMB):
-        u / A = M / (sqrt(N) + e) + (beta / A) * w       (beta term only if decay)
+        u / A = mu / (sqrt(nu) + e) + (beta / A) * w     (beta term only if decay)
 
     ``decay_over_scale`` is ``beta / A``, or None when decay does not apply.
     """

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hvd_largebatch import config
 from hvd_largebatch.torch_impl.distributed import _active_horovod, broadcast_state, horovod_rank
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
@@ -48,8 +49,7 @@ def save_checkpoint(
     Returns:
         True on the rank that wrote the file.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    step = config.check_non_negative_int("step", step)
     if extra is not None and not isinstance(extra, dict):
         raise ValueError(f"extra must be None or a dict, got {type(extra).__name__}")
     if horovod_rank() != root_rank:

@@ -194,6 +194,9 @@ class CLARS(MomentumOptimizer):
     def set_grad_norms(self, norms: Mapping[Any, Any]) -> None:
         """Gives the next step ready global means ``s`` (e.g. from :func:`per_example_grad_norms`).
 
+        The same argument as :meth:`hvd_largebatch.tf.CLARS.set_grad_norms`:
+        a mapping from a tensor's full name to its ``s``.
+
         Args:
             norms: ``{name or tensor: s}`` covering every adapted tensor; names
                 are those of ``model.named_parameters()`` when the optimizer was

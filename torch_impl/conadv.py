@@ -94,7 +94,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvd_largebatch.config import ConAdvConfig
+from hvd_largebatch.config import ConAdvConfig, check_non_negative_int
+from hvd_largebatch.errors import plain_batchnorm_with_dual_bn
 from hvd_largebatch.torch_impl.dual_bn import auxiliary_bn, plain_bn_layers
 
 __all__ = ["ConAdv", "make_adversarial_examples", "lookahead"]
@@ -395,8 +396,8 @@ class ConAdv:
             raise ValueError(f"loss_fn must be callable (logits, labels) -> scalar loss, got {loss_fn!r}")
         if not isinstance(concurrent, bool):
             raise ValueError(f"concurrent must be True or False, got {concurrent!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        if seed is not None:
+            seed = check_non_negative_int("seed", seed)
         self.config = ConAdvConfig(
             epsilon=epsilon,
             step_size=step_size,
@@ -409,12 +410,10 @@ class ConAdv:
             input_range=input_range,
             average_losses=average_losses,
         )
-        if self.config.dual_bn and plain_bn_layers(model):
-            raise ValueError(
-                "dual_bn=True but the model has plain BatchNorm layers: call "
-                "hvd_largebatch.torch_impl.convert_to_dual_bn(model) before building the optimizer "
-                "and ConAdv, or pass dual_bn=False"
-            )
+        plain = plain_bn_layers(model)
+        if self.config.dual_bn and plain:
+            names = [name or type(module).__name__ for name, module in model.named_modules() if module in plain]
+            raise plain_batchnorm_with_dual_bn("hvd_largebatch.torch_impl", names)
         self.model = model
         self.loss_fn = loss_fn
         self.concurrent = concurrent

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from hvd_largebatch import config
+from hvd_largebatch.errors import HorovodNotInitialisedError
+
 __all__ = ["DistributedOptimizer", "broadcast_state", "allreduce_sum_across_workers", "horovod_rank"]
 
 
@@ -45,7 +48,7 @@ def _horovod() -> Any:
     except ImportError as error:  # pragma: no cover - the project always builds Horovod
         raise RuntimeError("horovod.torch is not installed: run `make setup`") from error
     if not hvd.is_initialized():
-        raise RuntimeError("Horovod is not initialised: call horovod.torch.init() first")
+        raise HorovodNotInitialisedError("horovod.torch")
     return hvd
 
 
@@ -87,10 +90,7 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's spelling, so user code reads
         ValueError: naming ``backward_passes_per_step`` when it is not an integer >= 1.
     """
     hvd = _horovod()
-    if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) or (
-        backward_passes_per_step < 1
-    ):
-        raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
+    backward_passes_per_step = config.check_positive_int("backward_passes_per_step", backward_passes_per_step)
     if named_parameters is None and all("param_names" in g for g in optimizer.param_groups):
         named_parameters = [
             (name, p) for g in optimizer.param_groups for name, p in zip(g["param_names"], g["params"])
@@ -171,8 +171,7 @@ def broadcast_state(model: torch.nn.Module | None, optimizer: torch.optim.Optimi
     hvd = _active_horovod()
     if hvd is None or hvd.size() == 1:
         return
-    if isinstance(root_rank, bool) or not isinstance(root_rank, int) or not 0 <= root_rank < hvd.size():
-        raise ValueError(f"root_rank must be an integer in [0, {hvd.size()}), got {root_rank!r}")
+    root_rank = config.check_int_in_range("root_rank", root_rank, 0, hvd.size())
     if model is not None:
         hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
     if optimizer is None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from hvd_largebatch import config
+from hvd_largebatch.torch_impl import core_spelling
 from hvd_largebatch.torch_impl.lamb_functional import lamb_update
 from hvd_largebatch.torch_impl.mixed_precision import state_dtype
 from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, DECAY_MASK, GroupWork, LargeBatchOptimizer
@@ -15,12 +16,6 @@ from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, DECAY_MASK, Gro
 __all__ = ["LAMB"]
 
 _D = config.LAMBConfig  # defaults come from the core record
-
-
-def _check_betas(betas: Any) -> tuple[Any, Any]:
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
-    return betas[0], betas[1]
 
 
 class LAMB(LargeBatchOptimizer):
@@ -86,18 +81,14 @@ class LAMB(LargeBatchOptimizer):
     def _record_kwargs(self, group: Mapping[str, Any]) -> dict[str, Any]:
         kwargs = super()._record_kwargs(group)
         if "betas" in group:
-            kwargs["beta1"], kwargs["beta2"] = _check_betas(group["betas"])
+            kwargs.update(core_spelling.to_core({"betas": group["betas"]}))
         return kwargs
 
     def _record_from_group(self, group: Mapping[str, Any]) -> Any:
         try:
             return super()._record_from_group(group)
         except ValueError as error:
-            message = str(error)
-            for index, core in enumerate(("beta1", "beta2")):
-                if message.startswith(core):  # name the argument the user wrote
-                    raise ValueError(f"betas[{index}] ({message})") from None
-            raise
+            raise core_spelling.error_in_torch_spelling(error) from None
 
     def _write_record(self, group: dict[str, Any], record: Any) -> None:
         for key in ("lr", "eps", "weight_decay", "nonfinite"):

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from hvd_largebatch.torch_impl.mixed_precision import check_state_dtypes, float32_working_copies, write_back
-from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype
+from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype, scalar_or_list
 
 __all__ = ["lamb_trust_ratios", "lamb_update"]
 
@@ -141,10 +141,6 @@ def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, dec
             trust_ratios_out[i] = ratio[0]
 
 
-def _uniform_or_list(values: list[float]) -> float | list[float]:
-    return values[0] if all(v == values[0] for v in values) else values
-
-
 def _scratch(workspace: dict | None, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Tensors shaped like ``like`` in the reused workspace buffer (uninitialised)."""
     numels = [t.numel() for t in like]
@@ -173,7 +169,7 @@ def _multi_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, deca
             u = _scratch(workspace, nu)
             torch._foreach_copy_(u, nu)
             torch._foreach_sqrt_(u)
-        torch._foreach_add_(u, _uniform_or_list(eps_scaled[chunk]))  # u = sqrt(nu) + eps'
+        torch._foreach_add_(u, scalar_or_list(eps_scaled[chunk]))  # u = sqrt(nu) + eps'
         torch._foreach_reciprocal_(u)
         torch._foreach_mul_(u, mu)  # u = mu / (sqrt(nu) + eps'), in place
         decayed = [i for i, applies in enumerate(decay[chunk]) if applies] if weight_decay != 0 else []

@@ -42,7 +42,12 @@ from collections.abc import Sequence
 import torch
 
 from hvd_largebatch.torch_impl.mixed_precision import check_state_dtypes, float32_working_copies, write_back
-from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype, tensor_norms
+from hvd_largebatch.torch_impl.tensor_lists import (
+    cache_sized_chunks,
+    group_by_device_and_dtype,
+    scalar_or_list,
+    tensor_norms,
+)
 
 __all__ = ["lars_local_rates", "effective_rates", "momentum_update"]
 
@@ -57,7 +62,9 @@ def lars_local_rates(
     weight_decay: float,
     eps: float,
 ) -> torch.Tensor:
-    """The LARS/CLARS local rate ``lambda`` of each tensor, vectorised.
+    """The LARS/CLARS local rate ``lambda`` of each tensor (before the global LR), vectorised.
+
+    Same name, arguments and meaning as :func:`hvd_largebatch.tf.update_rules.lars_local_rates`.
 
     Args:
         w_norms: ``||w_i||``, 1-D.
@@ -81,7 +88,10 @@ def lars_local_rates(
 
 
 def effective_rates(local: torch.Tensor, *, adapt: torch.Tensor, lr: float, clip: bool) -> torch.Tensor:
-    """``gamma * lambda_i`` (LARS) or ``min(gamma, lambda_i)`` for adapted tensors (LARC, ``clip=True``)."""
+    """``gamma * lambda_i`` (LARS) or ``min(gamma, lambda_i)`` for adapted tensors (LARC, ``clip=True``).
+
+    Same name, arguments and meaning as :func:`hvd_largebatch.tf.update_rules.effective_rates`.
+    """
     if clip:
         return torch.where(adapt, torch.clamp(local, max=lr), torch.full_like(local, lr))
     return local * lr
@@ -118,8 +128,8 @@ def momentum_update(
         weight_decay: ``beta``.
         decay: per tensor, whether weight decay applies.
         velocity_corrections: per tensor, the momentum-correction factor
-            ``c_i = gamma / gamma_prev`` (1.0 when the correction is off or
-            there is no previous rate).
+            ``c_i = gamma / gamma_prev`` of :func:`hvd_largebatch.schedules.momentum_correction`
+            (1.0 when the correction is off or there is no previous rate).
         nesterov: Nesterov momentum.
         adapt: per tensor, whether the trust ratio applies; None for plain
             momentum SGD (no norms are computed).
@@ -212,10 +222,6 @@ def _single_tensor(params, grads, velocities, decay, corrections, adapt, grad_no
             local_rates_out[i] = local[0]
 
 
-def _uniform_or_list(values: list[float]) -> float | list[float]:
-    return values[0] if all(v == values[0] for v in values) else values
-
-
 def _multi_tensor(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions, *,
                   lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
     # Per chunk: v = m*c*v + rate*g (+ rate*beta*w), then w -= v. No temporary d = g + beta*w is
@@ -230,7 +236,7 @@ def _multi_tensor(params, grads, velocities, decay, corrections, adapt, grad_nor
         w, g, v = list(params[chunk]), list(grads[chunk]), list(velocities[chunk])
         decayed = [i for i, applies in enumerate(decay[chunk]) if applies] if weight_decay != 0 else []
         w_decayed, v_decayed = [w[i] for i in decayed], [v[i] for i in decayed]
-        torch._foreach_mul_(v, _uniform_or_list(scales[chunk]))
+        torch._foreach_mul_(v, scalar_or_list(scales[chunk]))
         if adapt is None:
             torch._foreach_add_(v, g, alpha=lr)
             if decayed:

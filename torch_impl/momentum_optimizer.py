@@ -3,7 +3,9 @@
 State per parameter: ``momentum_buffer`` (the velocity ``v``, which holds the
 learning rate) and ``prev_lr`` (the global LR of the last update applied to
 this tensor, None before the first). Momentum correction (Goyal et al. 2017,
-section 2.2) rescales ``v`` by ``lr / prev_lr`` when the LR changes; keeping
+section 2.2) rescales ``v`` by the core's
+:func:`hvd_largebatch.schedules.momentum_correction` factor ``lr / prev_lr``
+(1 when ``prev_lr`` is 0) when the LR changes; keeping
 ``prev_lr`` in the state makes it survive ``state_dict()`` /
 ``load_state_dict()``, so a resumed run continues exactly. The velocity of a
 float16/bfloat16 parameter is float32 (``mixed_precision.py``).
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hvd_largebatch.schedules import momentum_correction
 from hvd_largebatch.torch_impl.mixed_precision import state_dtype
 from hvd_largebatch.torch_impl.momentum_functional import momentum_update
 from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, DECAY_MASK, GroupWork, LargeBatchOptimizer
@@ -35,7 +38,7 @@ class MomentumOptimizer(LargeBatchOptimizer):
                 state["prev_lr"] = None
             velocities.append(state["momentum_buffer"])
             prev = state["prev_lr"]
-            corrections.append(lr / prev if group["momentum_correction"] and prev else 1.0)
+            corrections.append(momentum_correction(prev, lr) if group["momentum_correction"] and prev is not None else 1.0)
         adapt = [group[ADAPT_MASK][i] for i in work.positions] if self.uses_adaptation else None
         momentum_update(
             work.params,

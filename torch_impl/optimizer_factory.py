@@ -1,4 +1,9 @@
-"""``create_optimizer(name, params, **kwargs)``: every optimizer of the package by name (LARC is a setting of LARS)."""
+"""``create_optimizer(name, params, **kwargs)``: every optimizer of the package by name (LARC is a setting of LARS).
+
+The names and the settings each name fixes come from the core registry
+:data:`hvd_largebatch.config.OPTIMIZERS`; this module only maps each core
+record type to the torch class that implements it.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,15 @@ from hvd_largebatch.torch_impl.lars import LARS
 from hvd_largebatch.torch_impl.optimizer_base import LargeBatchOptimizer
 from hvd_largebatch.torch_impl.sgd import SGD
 
-__all__ = ["create_optimizer", "OPTIMIZERS"]
+__all__ = ["create_optimizer", "OPTIMIZER_CLASSES"]
 
-#: name -> (class, arguments the name fixes). The names are the core's ``OPTIMIZER_NAMES``.
-OPTIMIZERS: dict[str, tuple[type[LargeBatchOptimizer], dict[str, Any]]] = {
-    "sgd": (SGD, {}),
-    "lars": (LARS, {}),
-    "larc": (LARS, {"clip": True}),
-    "clars": (CLARS, {}),
-    "lamb": (LAMB, {}),
+#: Core record type -> the torch class that implements it (the same table as ``hvd_largebatch.tf``'s).
+OPTIMIZER_CLASSES: dict[type, type[LargeBatchOptimizer]] = {
+    config.SGDConfig: SGD,
+    config.LARSConfig: LARS,
+    config.CLARSConfig: CLARS,
+    config.LAMBConfig: LAMB,
 }
-assert tuple(OPTIMIZERS) == config.OPTIMIZER_NAMES
 
 
 def create_optimizer(name: str, params: Any, **kwargs: Any) -> LargeBatchOptimizer:
@@ -46,17 +49,13 @@ def create_optimizer(name: str, params: Any, **kwargs: Any) -> LargeBatchOptimiz
         >>> type(opt).__name__, opt.param_groups[0]["clip"]
         ('LARS', True)
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in OPTIMIZERS:
-        raise ValueError(f"name must be one of {', '.join(map(repr, OPTIMIZERS))}; got {name!r}")
-    cls, fixed = OPTIMIZERS[key]
+    key, spec, _ = config.resolve_optimizer(name, {})
+    cls = OPTIMIZER_CLASSES[spec.record_type]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(
             f"unknown argument(s) {', '.join(unknown)} for optimizer {key!r}; allowed: {', '.join(accepted)}"
         )
-    for field, value in fixed.items():
-        if field in kwargs and kwargs[field] != value:
-            raise ValueError(f"{field}={kwargs[field]!r} contradicts optimizer {key!r}, which sets {field}={value!r}")
-    return cls(params, **{**kwargs, **fixed})
+    _, _, kwargs = config.resolve_optimizer(key, kwargs)
+    return cls(params, **kwargs)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CPU_CHUNK_NUMEL", "group_by_device_and_dtype", "cache_sized_chunks", "tensor_norms"]
+__all__ = ["CPU_CHUNK_NUMEL", "group_by_device_and_dtype", "cache_sized_chunks", "tensor_norms", "scalar_or_list"]
 
 #: Elements per chunk on a CPU: 2**19 float32 values are 2 MiB per tensor
 #: list, so parameters, gradients, state and one temporary fit in L3 together.
@@ -81,3 +81,8 @@ def tensor_norms(tensors: Sequence[torch.Tensor], foreach: bool = True) -> list[
         for i, norm in zip(bucket, torch._foreach_norm([tensors[i] for i in bucket], 2, dtype=dtype)):
             norms[i] = norm
     return norms
+
+
+def scalar_or_list(values: list[float]) -> float | list[float]:
+    """One scalar when every value is equal (``torch._foreach_*`` takes its fast scalar path), else the list."""
+    return values[0] if all(v == values[0] for v in values) else values

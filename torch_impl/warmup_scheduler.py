@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from hvd_largebatch import config
 from hvd_largebatch.schedules import Schedule
 
 __all__ = ["GradualWarmupScheduler"]
@@ -58,8 +59,7 @@ class GradualWarmupScheduler(LRScheduler):
                 f"schedule must be a hvd_largebatch.schedules.Schedule (e.g. schedules.goyal(...)), "
                 f"got {type(schedule).__name__}"
             )
-        if isinstance(last_epoch, bool) or not isinstance(last_epoch, int) or last_epoch < -1:
-            raise ValueError(f"last_epoch must be an integer >= -1, got {last_epoch!r}")
+        last_epoch = config.check_int_in_range("last_epoch", last_epoch, -1)
         self.schedule = schedule
         super().__init__(optimizer, last_epoch)
 

@@ -34,13 +34,12 @@ from hvd_largebatch.bench.data import MNIST1D, ShardedBatches, shard_of
 from hvd_largebatch.bench.keras_model import mnist1d_convnet
 from hvd_largebatch.bench.recipes import CellPlan
 from hvd_largebatch.bench.run_monitor import RunMonitor
-from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, create_optimizer
+from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, core_spelling, create_optimizer
 from hvd_largebatch.tf.callbacks import (
     BroadcastGlobalVariablesCallback,
     GradualWarmupCallback,
     LearningRateScheduleCallback,
 )
-from hvd_largebatch.tf.large_batch_optimizer import KERAS_TO_CORE_NAMES
 
 __all__ = [
     "HorovodCellRunner",
@@ -48,22 +47,10 @@ __all__ = [
     "StudyMonitorCallback",
     "evaluate",
     "train_cell",
-    "keras_optimizer_arguments",
     "configure_threads",
 ]
 
 _EVAL_CHUNK = 2048
-
-
-def keras_optimizer_arguments(core_args: Mapping[str, Any]) -> dict[str, Any]:
-    """The core-spelling optimizer record in Keras spelling (``eps`` -> ``epsilon``, ``beta1`` -> ``beta_1``).
-
-    Reads the library's own spelling map, :data:`hvd_largebatch.tf.large_batch_optimizer.KERAS_TO_CORE_NAMES`.
-    """
-    to_keras = {core: keras_name for keras_name, core in KERAS_TO_CORE_NAMES.items()}
-    return {to_keras.get(name, name): value for name, value in core_args.items()}
-
-
 def configure_threads() -> None:
     """TensorFlow thread pools sized from ``OMP_NUM_THREADS`` (the launcher gives each rank cores/W).
 
@@ -195,12 +182,15 @@ def train_cell(
     model = mnist1d_convnet(seed=plan.seed)
     schedule = plan.schedule
     inner = create_optimizer(
-        plan.optimizer, learning_rate=schedule(0), **keras_optimizer_arguments(plan.optimizer_args()),
+        plan.optimizer, learning_rate=schedule(0), **core_spelling.to_keras(plan.optimizer_args()),
         **plan.exclusions,
     )
     if plan.conadv is not None:
         from hvd_largebatch.tf.conadv import ConAdv
+        from hvd_largebatch.tf.dual_bn import convert_to_dual_bn
 
+        if plan.conadv["dual_bn"]:
+            model = convert_to_dual_bn(model)
         # Rank-dependent seed: each rank draws its own random starts and target labels.
         model = ConAdv(model, seed=plan.seed * 1000 + rank, **plan.conadv)
     elif plan.optimizer == "clars":

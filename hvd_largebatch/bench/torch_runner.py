@@ -37,20 +37,13 @@ from hvd_largebatch.torch_impl import (
     DistributedOptimizer,
     GradualWarmupScheduler,
     broadcast_state,
+    core_spelling,
     create_optimizer,
 )
 
-__all__ = ["HorovodCellRunner", "train_cell", "evaluate", "torch_optimizer_arguments"]
+__all__ = ["HorovodCellRunner", "train_cell", "evaluate"]
 
 _EVAL_CHUNK = 2048
-
-
-def torch_optimizer_arguments(name: str, core_args: Mapping[str, Any]) -> dict[str, Any]:
-    """The core-spelling optimizer record in torch spelling (LAMB's ``beta1, beta2`` -> ``betas``)."""
-    args = dict(core_args)
-    if name == "lamb":
-        args["betas"] = (args.pop("beta1"), args.pop("beta2"))
-    return args
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, hvd: Any) -> tuple[float, float]:
@@ -128,7 +121,7 @@ def train_cell(
     schedule = plan.schedule
     optimizer = create_optimizer(
         plan.optimizer, model.named_parameters(), lr=schedule(0),
-        **torch_optimizer_arguments(plan.optimizer, plan.optimizer_args()), **plan.exclusions,
+        **core_spelling.to_torch(plan.optimizer_args()), **plan.exclusions,
     )
     optimizer = DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     scheduler = GradualWarmupScheduler(optimizer, schedule)

@@ -81,22 +81,21 @@ def keras_step(case: Case, optimizer, apply, step: int, grads=None) -> None:
     grads = gradients(step) if grads is None else grads
     optimizer.learning_rate = case.lr(step)
     if case.name == "clars":
-        optimizer.set_grad_norms([clars_norms(step)[n] for n in NAMES])
+        optimizer.set_grad_norms({n.replace(".", "/"): s for n, s in clars_norms(step).items()})
     apply([tf.constant(grads[n]) for n in NAMES])
 
 
 def state_in_core_names(case: Case, optimizer) -> dict[str, dict[str, np.ndarray]]:
     """The slots as the oracle names them.
 
-    The momentum slot holds ``m = -v`` (Keras's sign); LAMB's slots hold
-    ``mu / (1 - beta1)`` and ``nu / (1 - beta2)``. Both are converted back here.
+    The momentum slot holds ``m = -v`` (Keras's sign), converted back here;
+    LAMB's slots hold ``mu`` and ``nu`` as the oracle does.
     """
     if case.has_momentum_buffer:
         return {"velocity": {n: -v.numpy() for n, v in zip(NAMES, optimizer.momentums)}}
-    cfg = optimizer.core_config
     return {
-        "mu": {n: v.numpy() * (1 - cfg.beta1) for n, v in zip(NAMES, optimizer.first_moments)},
-        "nu": {n: v.numpy() * (1 - cfg.beta2) for n, v in zip(NAMES, optimizer.second_moments)},
+        "mu": {n: v.numpy() for n, v in zip(NAMES, optimizer.first_moments)},
+        "nu": {n: v.numpy() for n, v in zip(NAMES, optimizer.second_moments)},
     }
 
 

@@ -181,7 +181,7 @@ def _compiled(model, loss=None):
 
 @pytest.mark.parametrize("targeted", [True, False])
 def test_perturbations_stay_within_epsilon_and_the_input_range(float64, targeted):
-    model = _compiled(ConAdv(_small_cnn(), epsilon=0.25, step_size=0.15, attack_iters=4, random_start_prob=1.0, targeted=targeted, seed=3))
+    model = _compiled(ConAdv(convert_to_dual_bn(_small_cnn()), epsilon=0.25, step_size=0.15, attack_iters=4, random_start_prob=1.0, targeted=targeted, seed=3))
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, size=(32, 12))
     x[:4] = 1.0
@@ -244,7 +244,9 @@ def _bn_problem():
 
 def test_main_bn_statistics_are_untouched_by_adversarial_batches(float64):
     base, x, y = _bn_problem()
-    model = _compiled(ConAdv(base, epsilon=0.3, step_size=0.3, seed=0))
+    with pytest.raises(ValueError, match=r"plain BatchNorm layers \(bn\).*model = hvd_largebatch.tf.convert_to_dual_bn\(model\)"):
+        ConAdv(base, epsilon=0.3, step_size=0.3, seed=0)  # refused, as in PyTorch: never converted behind the user's back
+    model = _compiled(ConAdv(convert_to_dual_bn(base), epsilon=0.3, step_size=0.3, seed=0))
     assert isinstance(model.base_model.get_layer("bn"), DualBatchNormalization)
     assert isinstance(base.get_layer("bn"), keras.layers.BatchNormalization)  # the user's model is not modified
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
@@ -289,7 +291,7 @@ def test_save_and_load_keep_both_bn_sets_and_snapshots_and_training_continues_ex
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, size=(6 * 16, 12))
     y = rng.integers(0, 5, size=6 * 16)
-    model = _compiled(ConAdv(_small_cnn(), epsilon=0.2, step_size=0.1, staleness=2, random_start_prob=0.5, seed=9))
+    model = _compiled(ConAdv(convert_to_dual_bn(_small_cnn()), epsilon=0.2, step_size=0.1, staleness=2, random_start_prob=0.5, seed=9))
     model.fit(x[:48], y[:48], batch_size=16, shuffle=False, verbose=0)
     path = tmp_path / "conadv.keras"
     model.save(path)
@@ -337,10 +339,12 @@ def test_defaults_come_from_the_core_config_and_bad_models_are_refused():
 
     subclassed = Subclassed()
     subclassed(np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="DualBatchNormalization"):
+    with pytest.raises(ValueError, match="convert_to_dual_bn"):
         ConAdv(subclassed)
+    with pytest.raises(ValueError, match="DualBatchNormalization"):
+        convert_to_dual_bn(subclassed)
     with pytest.raises(ValueError, match="renorm"):
-        ConAdv(keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(renorm=True)]))
+        convert_to_dual_bn(keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(renorm=True)]))
 
 
 def test_an_unbuilt_base_model_is_built_on_the_first_batch_unless_it_needs_conversion():
@@ -348,8 +352,10 @@ def test_an_unbuilt_base_model_is_built_on_the_first_batch_unless_it_needs_conve
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(np.random.default_rng(0).normal(size=(16, 5)), np.zeros(16), batch_size=8, verbose=0)
     assert int(model._step.numpy()) == 2 and len(model._snapshots[0]) == 4
-    with pytest.raises(ValueError, match="must be built"):
+    with pytest.raises(ValueError, match="convert_to_dual_bn"):
         ConAdv(keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()]))
+    with pytest.raises(ValueError, match="must be built"):
+        convert_to_dual_bn(keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()]))
 
 
 def test_fit_without_a_loss_is_refused():

@@ -14,6 +14,7 @@ from hvd_largebatch.bench.recipes import CONADV_ARGS, METHODS, plan_cell
 from hvd_largebatch.tf import LARS, ScheduleAdapter
 from hvd_largebatch.tf.conadv import ConAdv
 from hvd_largebatch.bench.keras_model import mnist1d_convnet
+from hvd_largebatch.tf.dual_bn import convert_to_dual_bn
 
 BATCH, EPOCHS, SAMPLES = 800, 12, 4000
 CONADV = {**CONADV_ARGS, "epsilon": 0.1, "step_size": 0.1, "average_losses": True}
@@ -32,7 +33,7 @@ def test_conadv_with_lars_trains_mnist1d_at_a_large_batch_under_fit():
         learning_rate=ScheduleAdapter(plan.schedule), momentum=lars["momentum"], weight_decay=lars["weight_decay"],
         trust_coefficient=lars["trust_coefficient"], epsilon=lars["eps"],
     )
-    model = ConAdv(mnist1d_convnet(seed=0), seed=0, **CONADV)
+    model = ConAdv(convert_to_dual_bn(mnist1d_convnet(seed=0)), seed=0, **CONADV)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     keras.utils.set_random_seed(0)

@@ -7,6 +7,7 @@ import keras
 from hvd_largebatch.config import OPTIMIZER_NAMES
 from hvd_largebatch.tf import create_optimizer
 from hvd_largebatch.tf.conadv import ConAdv
+from hvd_largebatch.tf.dual_bn import convert_to_dual_bn
 
 SETTINGS = {
     "sgd": dict(learning_rate=0.05),
@@ -42,7 +43,7 @@ def test_the_table_covers_every_optimizer_but_clars():
 def test_conadv_trains_with_the_optimizer(name):
     x, y = _data()
     optimizer = keras.optimizers.Adam(0.01) if name == "keras_adam" else create_optimizer(name, **SETTINGS[name])
-    model = ConAdv(_model(), epsilon=0.1, step_size=0.1, seed=0)
+    model = ConAdv(convert_to_dual_bn(_model()), epsilon=0.1, step_size=0.1, seed=0)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = model.evaluate(x, y, verbose=0)
     model.fit(x, y, batch_size=32, epochs=4, shuffle=False, verbose=0)
@@ -53,7 +54,7 @@ def test_conadv_trains_with_the_optimizer(name):
 
 def test_clars_is_refused_with_a_clear_error():
     x, y = _data()
-    model = ConAdv(_model(), epsilon=0.1, step_size=0.1)
+    model = ConAdv(convert_to_dual_bn(_model()), epsilon=0.1, step_size=0.1)
     model.compile(optimizer=create_optimizer("clars"), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(ValueError, match="ConAdv does not feed CLARS"):
         model.fit(x, y, batch_size=32, verbose=0)

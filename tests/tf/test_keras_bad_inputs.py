@@ -66,11 +66,11 @@ BAD_INPUTS = [
     ("dist-twice", lambda: DistributedOptimizer(DistributedOptimizer(LARS())), r"already a DistributedOptimizer"),
     # schedules and callbacks
     ("adapter-not-a-schedule", lambda: ScheduleAdapter(lambda step: 0.1), r"schedule must be an hvd_largebatch.schedules.Schedule"),
-    ("adapter-dtype", lambda: ScheduleAdapter(SCHEDULE, dtype="int32"), r"dtype must be None or a float dtype"),
+    ("adapter-dtype", lambda: ScheduleAdapter(SCHEDULE, dtype="int32"), r"dtype must be one of .float16., .bfloat16., .float32., .float64.; got .int32."),
     ("broadcast-root-rank", lambda: callbacks.BroadcastGlobalVariablesCallback(root_rank=-1), r"root_rank must be an integer >= 0"),
     ("lr-callback-schedule", lambda: callbacks.LearningRateScheduleCallback(0.1), r"schedule must be an hvd_largebatch.schedules.Schedule"),
     ("lr-callback-correction", lambda: callbacks.LearningRateScheduleCallback(SCHEDULE, momentum_correction="yes"), r"momentum_correction must be True or False"),
-    ("lr-callback-verbose", lambda: callbacks.LearningRateScheduleCallback(SCHEDULE, verbose=5), r"verbose must be 0, 1 or 2"),
+    ("lr-callback-verbose", lambda: callbacks.LearningRateScheduleCallback(SCHEDULE, verbose=5), r"verbose must be one of 0, 1, 2; got 5"),
     ("warmup-callback-type", lambda: callbacks.GradualWarmupCallback([0.1, 0.2]), r"schedule_or_args must be an hvd_largebatch.schedules.Schedule or a mapping"),
     ("warmup-callback-no-warmup", lambda: callbacks.GradualWarmupCallback(NO_WARMUP), r"schedule_or_args must describe a gradual warmup"),
     ("warmup-callback-bad-args", lambda: callbacks.GradualWarmupCallback({"base_lr": -1.0, "total_steps": 10}), r"base_lr must be >= 0"),
@@ -95,13 +95,21 @@ def test_bad_input_raises_a_value_error_naming_the_argument(call, message):
         call()
 
 
-def test_clars_set_grad_norms_needs_one_norm_per_variable():
+def test_clars_set_grad_norms_takes_a_mapping_covering_the_adapted_variables():
     optimizer = CLARS()
     with pytest.raises(ValueError, match=r"build the optimizer"):
-        optimizer.set_grad_norms([1.0])
+        optimizer.set_grad_norms({"kernel": 1.0})
     optimizer.build([keras.Variable([[1.0, 2.0]], name="kernel"), keras.Variable([0.0], name="bias")])
-    with pytest.raises(ValueError, match=r"norms must have one entry per variable \(2\), got 3"):
-        optimizer.set_grad_norms([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"norms must be a mapping from variable path"):
+        optimizer.set_grad_norms([1.0, 2.0])  # a vector, as torch's CLARS refuses too
+    with pytest.raises(ValueError, match=r"norms has a key 'nope' that names no variable"):
+        optimizer.set_grad_norms({"kernel": 1.0, "nope": 2.0})
+    with pytest.raises(ValueError, match=r"norms\['kernel'\] must be a scalar, got shape \(2,\)"):
+        optimizer.set_grad_norms({"kernel": [1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"norms must cover every adapted variable; missing kernel"):
+        optimizer.set_grad_norms({"bias": 1.0})
+    optimizer.set_grad_norms({"kernel": 3.0})  # the bias is not adapted: its entry may be left out
+    assert optimizer.grad_norm_means.numpy().tolist() == [3.0, 0.0]
 
 
 def test_the_per_variable_keras_hook_is_refused_with_a_pointer_to_apply():
@@ -142,3 +150,14 @@ def test_shared_bad_hyperparameters_raise_the_core_error_in_keras_spelling(bad):
         create_optimizer(bad.name, **keras_kwargs(bad.hyper))
     assert type(ours.value) is type(core)
     assert str(ours.value) == keras_message(str(core))
+
+def test_create_optimizer_reads_the_core_registry():
+    from hvd_largebatch import config
+    from hvd_largebatch.tf.optimizer_factory import OPTIMIZER_CLASSES
+
+    assert set(OPTIMIZER_CLASSES) == {spec.record_type for spec in config.OPTIMIZERS.values()}
+    with pytest.raises(ValueError) as ours:
+        create_optimizer("larc", clip=False)
+    with pytest.raises(ValueError) as core:
+        config.optimizer_config("larc", clip=False)
+    assert str(ours.value) == str(core.value) == "clip=False contradicts optimizer 'larc', which sets clip=True"

@@ -199,7 +199,7 @@ def test_clars_without_fresh_norms_raises_instead_of_using_stale_ones(float64):
     w = keras.Variable(np.ones((2, 2)), name="kernel")
     optimizer = CLARS()
     optimizer.build([w])
-    optimizer.set_grad_norms([1.0])
+    optimizer.set_grad_norms({"kernel": 1.0})
     optimizer.apply([np.ones((2, 2))], [w])
     with pytest.raises(ValueError, match="set_grad_norms"):
         optimizer.apply([np.ones((2, 2))], [w])

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from hvd_largebatch.errors import HorovodNotInitialisedError
 from hvd_largebatch.tf import LARS, DistributedOptimizer
 
 
@@ -43,5 +44,5 @@ def test_apply_without_horovod_initialised_says_so(monkeypatch):
     monkeypatch.setattr(hvd, "is_initialized", lambda: False)  # as in a process that never called hvd.init()
     wrapper = DistributedOptimizer(LARS())
     w = keras.Variable(np.ones((2, 2)), name="kernel")
-    with pytest.raises(ValueError, match=r"Horovod is not initialised: call horovod.tensorflow.init\(\)"):
+    with pytest.raises(HorovodNotInitialisedError, match=r"Horovod is not initialised: call horovod.tensorflow.init\(\)"):
         wrapper.apply([np.ones((2, 2))], [w])

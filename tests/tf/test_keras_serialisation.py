@@ -183,3 +183,32 @@ def test_table_row_state_round_trip_then_lockstep_stays_bit_equal(float64, case)
     after, before = _slots_and_counters(restored), _slots_and_counters(optimizer)
     for key in before:
         np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+def test_lamb_weights_saved_when_the_slots_held_mu_over_one_minus_beta_load_converted(float64):
+    """Earlier versions stored mu / (1 - b1) and nu / (1 - b2) and had no moment_format variable."""
+
+    def trained():
+        variables = [keras.Variable(np.arange(6.0).reshape(2, 3) / 7, name="kernel"), keras.Variable(np.ones(3), name="bias")]
+        optimizer = LAMB(learning_rate=0.01, beta_1=0.8, beta_2=0.99, exclude_from_layer_adaptation=False)
+        for step in range(3):
+            optimizer.apply([np.sin(np.arange(6.0).reshape(2, 3) + step), np.cos(np.arange(3.0) + step)], variables)
+        return optimizer, variables
+
+    optimizer, variables = trained()
+    store: dict = {}
+    optimizer.save_own_variables(store)
+    assert int(store[str(len(optimizer.variables) - 1)]) == 1  # moment_format is saved last
+    old_store = {}
+    for i, variable in enumerate(optimizer.variables[:-1]):
+        value = store[str(i)]
+        if any(variable is slot for slot in optimizer.first_moments):
+            value = value / (1 - 0.8)
+        elif any(variable is slot for slot in optimizer.second_moments):
+            value = value / (1 - 0.99)
+        old_store[str(i)] = value
+    fresh = LAMB(learning_rate=0.01, beta_1=0.8, beta_2=0.99, exclude_from_layer_adaptation=False)
+    fresh.build(variables)
+    fresh.load_own_variables(old_store)
+    for saved, restored in zip(optimizer.variables, fresh.variables):
+        np.testing.assert_allclose(restored.numpy(), saved.numpy(), rtol=1e-14, atol=0, err_msg=saved.path)
+    assert int(fresh.moment_format.numpy()) == 1
+

@@ -329,7 +329,7 @@ def test_without_dual_bn_main_statistics_see_both_batches():
 
 
 def test_dual_bn_requires_converted_layers():
-    with pytest.raises(ValueError, match="convert_to_dual_bn"):
+    with pytest.raises(ValueError, match=r"plain BatchNorm layers .*model = hvd_largebatch.torch_impl.convert_to_dual_bn\(model\)"):
         ConAdv(_small_cnn(dual=False))
     ConAdv(nn.Linear(3, 2))  # no BatchNorm at all: dual_bn has nothing to do
     ConAdv(_small_cnn(dual=False), dual_bn=False)

@@ -166,3 +166,24 @@ def test_shared_bad_hyperparameters_raise_the_core_error_in_torch_spelling(bad):
         create_optimizer(bad.name, _named(), **torch_kwargs(bad.hyper, bad.name))
     assert type(ours.value) is type(core)
     assert str(ours.value) == torch_message(str(core))
+def test_distributed_optimizer_without_horovod_initialised_raises_the_shared_error(monkeypatch):
+    import horovod.torch as hvd
+
+    from hvd_largebatch.errors import HorovodNotInitialisedError
+    from hvd_largebatch.torch_impl import DistributedOptimizer
+
+    monkeypatch.setattr(hvd, "is_initialized", lambda: False)  # as in a process that never called hvd.init()
+    with pytest.raises(HorovodNotInitialisedError, match=r"Horovod is not initialised: call horovod.torch.init\(\)"):
+        DistributedOptimizer(LARS(_plain()))
+
+
+def test_create_optimizer_reads_the_core_registry():
+    from hvd_largebatch import config
+    from hvd_largebatch.torch_impl.optimizer_factory import OPTIMIZER_CLASSES
+
+    assert set(OPTIMIZER_CLASSES) == {spec.record_type for spec in config.OPTIMIZERS.values()}
+    with pytest.raises(ValueError) as ours:
+        create_optimizer("larc", _plain(), clip=False)
+    with pytest.raises(ValueError) as core:
+        config.optimizer_config("larc", clip=False)
+    assert str(ours.value) == str(core.value) == "clip=False contradicts optimizer 'larc', which sets clip=True"
