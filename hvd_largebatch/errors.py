@@ -7,7 +7,13 @@ or function names.
 
 from __future__ import annotations
 
-__all__ = ["HorovodNotInitialisedError", "plain_batchnorm_with_dual_bn"]
+__all__ = [
+    "HorovodNotInitialisedError",
+    "plain_batchnorm_with_dual_bn",
+    "duplicate_tensor",
+    "wrapped_twice",
+    "not_an_optimizer",
+]
 
 
 class HorovodNotInitialisedError(RuntimeError):
@@ -51,3 +57,48 @@ def plain_batchnorm_with_dual_bn(package: str, layer_names: list[str]) -> ValueE
         f"model = {package}.convert_to_dual_bn(model), before building the optimizer and ConAdv, "
         "or pass dual_bn=False"
     )
+
+
+def duplicate_tensor(first: str, second: str) -> ValueError:
+    """The error of an optimizer given the same tensor twice (within a param group or across groups).
+
+    A repeated tensor would be updated once per occurrence in every step (and,
+    with the fused paths, differently per path), so both frameworks refuse it.
+
+    Args:
+        first, second: the two places the tensor was found, e.g. its name and
+            position ``'0.weight' at param_groups[0][0]``.
+
+    Example:
+        >>> print(duplicate_tensor("'0.weight' at param_groups[0][0]", "param_groups[1][0]"))
+        params: the same tensor is passed twice, as '0.weight' at param_groups[0][0] and as param_groups[1][0]; pass each tensor once, in one param group (a repeated tensor would be updated once per occurrence in every step)
+    """
+    return ValueError(
+        f"params: the same tensor is passed twice, as {first} and as {second}; pass each tensor once, in one "
+        "param group (a repeated tensor would be updated once per occurrence in every step)"
+    )
+
+
+def wrapped_twice() -> ValueError:
+    """The error of a ``DistributedOptimizer`` given an optimizer that is already one (or wraps one).
+
+    Example:
+        >>> print(wrapped_twice())
+        optimizer is already a DistributedOptimizer (or wraps one): wrap it only once
+    """
+    return ValueError("optimizer is already a DistributedOptimizer (or wraps one): wrap it only once")
+
+
+def not_an_optimizer(expected: str, value: object) -> TypeError:
+    """The error of a ``DistributedOptimizer`` given something that is not an optimizer of its framework.
+
+    Args:
+        expected: the class the framework wraps, e.g. ``"torch.optim.Optimizer"``.
+        value: what the user passed (named by its class).
+
+    Example:
+        >>> print(not_an_optimizer("torch.optim.Optimizer", 3))
+        optimizer must be a torch.optim.Optimizer instance, got builtins.int
+    """
+    kind = type(value)
+    return TypeError(f"optimizer must be a {expected} instance, got {kind.__module__}.{kind.__qualname__}")

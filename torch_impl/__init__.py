@@ -6,7 +6,9 @@ ALGORITHMS.md): :class:`SGD`, :class:`LARS` (``clip=True`` is LARC),
 :class:`CLARS`, :class:`LAMB` and :func:`create_optimizer`. Goyal's
 per-iteration warmup: :class:`GradualWarmupScheduler` over a core
 ``hvd_largebatch.schedules.Schedule``. Horovod glue:
-:func:`DistributedOptimizer`, :func:`broadcast_state`, the gradient noise
+:func:`DistributedOptimizer`, :func:`broadcast_state`,
+:func:`average_batchnorm_statistics` (BatchNorm running statistics averaged
+over ranks before evaluation or a checkpoint), the gradient noise
 scale (critical batch) :class:`NoiseScaleMonitor`, rank-0
 :func:`save_checkpoint` / :func:`load_checkpoint`; CLARS's per-example
 norms: :func:`per_example_grad_norms`. ConAdv (Liu, You et al. 2022):
@@ -29,6 +31,7 @@ Example (launched with ``horovodrun -np 2 -H localhost:2 python train.py``)::
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
 """
 
+from hvd_largebatch.torch_impl.batchnorm_statistics import average_batchnorm_statistics
 from hvd_largebatch.torch_impl.checkpoint import load_checkpoint, save_checkpoint
 from hvd_largebatch.torch_impl.clars import CLARS
 from hvd_largebatch.torch_impl.conadv import ConAdv, lookahead, make_adversarial_examples
@@ -68,6 +71,7 @@ __all__ = [
     "GradualWarmupScheduler",
     "DistributedOptimizer",
     "broadcast_state",
+    "average_batchnorm_statistics",
     "NoiseScaleMonitor",
     "save_checkpoint",
     "load_checkpoint",

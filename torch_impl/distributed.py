@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hvd_largebatch import config
+from hvd_largebatch import config, errors
 from hvd_largebatch.errors import HorovodNotInitialisedError
 
 __all__ = ["DistributedOptimizer", "broadcast_state", "allreduce_sum_across_workers", "horovod_rank"]
@@ -73,7 +73,10 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's spelling, so user code reads
       optimizers keep every hyperparameter and per-tensor switch there, and
       this function also carries over existing optimizer state, the skip
       count and trust-ratio recording, which Horovod would drop;
-    * ``backward_passes_per_step`` is validated with a clear error.
+    * the input is validated before Horovod sees it: ``optimizer`` must be a
+      ``torch.optim.Optimizer`` not already wrapped, ``named_parameters``
+      must not be an exhausted generator, ``backward_passes_per_step`` an
+      integer >= 1.
 
     Args:
         optimizer: an optimizer of this package (or any torch optimizer).
@@ -87,10 +90,29 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's spelling, so user code reads
         The Horovod-wrapped optimizer (an instance of a subclass of ``type(optimizer)``).
 
     Raises:
-        ValueError: naming ``backward_passes_per_step`` when it is not an integer >= 1.
+        TypeError: naming ``optimizer`` when it is not a ``torch.optim.Optimizer``
+            (e.g. a Keras optimizer).
+        ValueError: "wrap it only once" when ``optimizer`` is already
+            Horovod-wrapped; naming ``named_parameters`` when it is empty
+            (a ``model.named_parameters()`` generator that something already
+            read); naming ``backward_passes_per_step`` when it is not an integer >= 1.
+        HorovodNotInitialisedError: when ``hvd.init()`` was not called.
     """
-    hvd = _horovod()
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise errors.not_an_optimizer("torch.optim.Optimizer", optimizer)
+    if _is_horovod_wrapped(optimizer):
+        raise errors.wrapped_twice()
+    if named_parameters is not None:
+        named_parameters = list(named_parameters)
+        if not named_parameters and any(g["params"] for g in optimizer.param_groups):
+            raise ValueError(
+                "named_parameters is empty, but the optimizer has parameters: a generator such as "
+                "model.named_parameters() can be read only once, and this one was already consumed (e.g. by the "
+                "optimizer's constructor); pass list(model.named_parameters()), or leave named_parameters out to "
+                "use the names the optimizer was built with"
+            )
     backward_passes_per_step = config.check_positive_int("backward_passes_per_step", backward_passes_per_step)
+    hvd = _horovod()
     if named_parameters is None and all("param_names" in g for g in optimizer.param_groups):
         named_parameters = [
             (name, p) for g in optimizer.param_groups for name, p in zip(g["param_names"], g["params"])
@@ -115,6 +137,17 @@ def DistributedOptimizer(  # noqa: N802 - Horovod's spelling, so user code reads
         if hasattr(optimizer, attribute):
             setattr(wrapped, attribute, getattr(optimizer, attribute))
     return wrapped
+
+
+def _is_horovod_wrapped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s class is (or derives from) one that ``horovod.torch.DistributedOptimizer`` built.
+
+    Horovod builds the wrapper class by copying the methods of its private
+    ``_DistributedOptimizer`` (or ``_DistributedAdasumOptimizer``) into a
+    subclass of the user's class: the copied ``synchronize`` and
+    ``_allreduce_grad_async`` identify it.
+    """
+    return any("synchronize" in vars(cls) and "_allreduce_grad_async" in vars(cls) for cls in type(optimizer).__mro__)
 
 
 class _TensorSlot:
@@ -161,15 +194,19 @@ def broadcast_state(model: torch.nn.Module | None, optimizer: torch.optim.Optimi
     one broadcast per state tensor, and the other ranks load it. Param
     groups (LR, hyperparameters, per-tensor switches), per-parameter state
     (velocities, ``prev_lr``, moments, step counts) and the skip count all
-    end up identical. Without Horovod (or with one process) it does nothing.
+    end up identical. With one process it does nothing.
 
     Args:
         model: the module (parameters and buffers), or None.
         optimizer: the optimizer (Horovod-wrapped or not), or None.
         root_rank: the rank whose state wins.
+
+    Raises:
+        HorovodNotInitialisedError: when ``hvd.init()`` was not called (the
+            ranks would silently keep their own weights).
     """
-    hvd = _active_horovod()
-    if hvd is None or hvd.size() == 1:
+    hvd = _horovod()
+    if hvd.size() == 1:
         return
     root_rank = config.check_int_in_range("root_rank", root_rank, 0, hvd.size())
     if model is not None:

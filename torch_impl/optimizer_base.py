@@ -4,7 +4,9 @@ The classes in ``sgd.py``, ``lars.py``, ``clars.py`` and ``lamb.py`` derive
 from :class:`LargeBatchOptimizer`, which
 
 * accepts tensors, ``(name, tensor)`` pairs (then the exclusion rules see the
-  full names, e.g. ``layer1.0.bn1.weight``) or param-group dicts;
+  full names, e.g. ``layer1.0.bn1.weight``) or param-group dicts, and refuses
+  a tensor passed twice (in one group or across groups; also in
+  ``add_param_group``), naming both places;
 * validates every hyperparameter, of the constructor and of each group,
   through the core records of :mod:`hvd_largebatch.config`, so the PyTorch and
   Keras optimizers reject the same input with the same message;
@@ -16,7 +18,11 @@ from :class:`LargeBatchOptimizer`, which
   (default) a step whose gradients hold NaN or Inf changes no weight and no
   state and adds one to :attr:`LargeBatchOptimizer.skipped_steps`; under
   Horovod the gradients are averaged before ``step()``, so every rank takes
-  the same decision. ``nonfinite="raise"`` raises ``FloatingPointError``.
+  the same decision. A skipped step warns (``RuntimeWarning``, on rank 0
+  under Horovod) at the first skip and then at every 100th
+  (``SKIP_WARNING_EVERY``), with the running count; the warning reads the
+  Python counter, so it adds no device synchronisation.
+  ``nonfinite="raise"`` raises ``FloatingPointError``.
   The check reads the gradient norms (one pass over the gradients that LARS
   needs anyway), so a finite gradient whose norm overflows the dtype is
   treated as non-finite too;
@@ -35,12 +41,14 @@ Subclasses fill in ``_init_state`` and ``_apply_group`` (the math lives in
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 
-from hvd_largebatch import config
+from hvd_largebatch import config, errors
+from hvd_largebatch.torch_impl.distributed import horovod_rank
 from hvd_largebatch.torch_impl.mixed_precision import HALF_DTYPES, state_dtype
 from hvd_largebatch.torch_impl.tensor_lists import group_by_device_and_dtype, tensor_norms
 
@@ -137,6 +145,8 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
     config_type: ClassVar[type]
     #: Whether the optimizer has a trust ratio (and so an ``adapt_mask``).
     uses_adaptation: ClassVar[bool] = True
+    #: A skipped step warns at the first skip and then at every this-many-th (see the module doc).
+    SKIP_WARNING_EVERY: ClassVar[int] = 100
 
     def __init__(
         self,
@@ -182,6 +192,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         """
         if isinstance(param_group, Mapping) and "params" in param_group:
             param_group["params"] = _check_param_list(param_group["params"], "the group's 'params'")
+            self._refuse_duplicates(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -189,6 +200,27 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+
+    def _refuse_duplicates(self, param_group: Mapping[str, Any]) -> None:
+        """Raises the core's duplicate-tensor error if a tensor of the new group is already in this or an earlier group."""
+        def place(name: str | None, g: int, i: int) -> str:
+            return f"param_groups[{g}][{i}]" if name is None else f"{name!r} at param_groups[{g}][{i}]"
+
+        seen = {}
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, tensor in enumerate(group["params"]):
+                seen[id(tensor)] = place(None if names is None else names[i], g, i)
+        g = len(self.param_groups)
+        names = param_group.get("param_names")
+        for i, item in enumerate(param_group["params"]):
+            if _is_named_pair(item):
+                name, tensor = item
+            else:
+                name, tensor = (names[i] if names is not None and i < len(names) else None), item
+            if id(tensor) in seen:
+                raise errors.duplicate_tensor(seen[id(tensor)], place(name, g, i))
+            seen[id(tensor)] = place(name, g, i)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_foreach(group.get("foreach"))
@@ -286,6 +318,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__}: a gradient holds NaN or Inf (nonfinite='raise'); weights untouched"
                 )
             self.skipped_steps += 1
+            self._report_skip()
             return loss
         recorded: list[tuple[str, torch.Tensor]] = []
         for g, (group, group_work) in enumerate(zip(self.param_groups, work)):
@@ -302,6 +335,22 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         if self._recording_trust_ratios:
             self._last_trust_ratios = recorded
         return loss
+
+    def _report_skip(self) -> None:
+        """Warns (on rank 0 under Horovod) at the first skipped step and then every ``SKIP_WARNING_EVERY``-th.
+
+        Reads only the Python counter :attr:`skipped_steps`: no device synchronisation
+        beyond the one the non-finite check already made.
+        """
+        count = self.skipped_steps
+        if (count == 1 or count % self.SKIP_WARNING_EVERY == 0) and horovod_rank() == 0:
+            warnings.warn(
+                f"{type(self).__name__}: skipped an update because a gradient holds NaN or Inf (weights and "
+                f"optimizer state untouched); {count} update(s) skipped so far (optimizer.skipped_steps). "
+                f"Warned at the first skip and every {self.SKIP_WARNING_EVERY}th; pass nonfinite='raise' to stop instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _apply_group(self, group: dict[str, Any], work: GroupWork, ratios_out: list | None) -> None:
         """The update rule for one parameter group: every subclass defines it."""

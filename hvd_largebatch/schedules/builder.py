@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Union
 
 from hvd_largebatch.config import check_choice, check_non_negative
+from hvd_largebatch.schedules.batch import per_worker_batch_size
 from hvd_largebatch.schedules.record import Schedule
 from hvd_largebatch.schedules.scaling import SCALING_RULES, scale_lr
 from hvd_largebatch.schedules.warmup import WARMUP_KINDS, warmup_start_lr
@@ -54,7 +55,9 @@ def make_schedule(
             the default), ``"peak/world_size"`` (Horovod's
             ``LearningRateWarmupCallback``; needs ``world_size``), or a number >= 0.
             Ignored (must stay None) when ``warmup="none"``.
-        world_size: number of workers, only for ``warmup_start="peak/world_size"``.
+        world_size: number of workers, for ``warmup_start="peak/world_size"``;
+            when given with ``global_batch``, the global batch must divide
+            evenly over the workers (as :func:`per_worker_batch_size`).
         decay: one of ``DECAY_KINDS`` (the pieces of :data:`~hvd_largebatch.schedules.decay.DECAYS`).
         milestones: ``step`` decay milestones, in ``milestone_unit`` units.
         milestone_unit: ``"epoch"`` (needs ``steps_per_epoch``) or ``"step"``.
@@ -64,7 +67,12 @@ def make_schedule(
         end_lr: final LR of ``poly``, ``cosine`` and ``linear``.
 
     Raises:
-        ValueError: naming the offending argument and its allowed values.
+        ValueError: naming the offending argument and its allowed values;
+            naming ``global_batch`` when it is not a multiple of ``world_size``;
+            naming ``global_batch`` and ``base_batch`` when a global batch below
+            the base batch puts the scaled peak below the warmup start, and
+            ``warmup_start`` and ``peak`` for any other warmup start above the
+            peak (a warmup never lowers the LR; without warmup a scaled-down LR is fine).
 
     Example:
         Horovod-style warmup from ``peak / world_size`` over 100 steps, then cosine:
@@ -88,7 +96,18 @@ def make_schedule(
     else:
         peak = base_lr
     check_choice("warmup", warmup, WARMUP_KINDS)
+    if world_size is not None and global_batch is not None:
+        per_worker_batch_size(global_batch, world_size)  # the same refusal (and message) as for the per-worker batch
     start = warmup_start_lr(warmup, warmup_start, base_lr, peak, world_size)
+    warming = isinstance(warmup_steps, int) and warmup_steps > 0
+    if start is not None and warming and start > peak and global_batch is not None and global_batch < base_batch:
+        raise ValueError(
+            f"global_batch={global_batch} is below base_batch={base_batch}, so the scaled peak LR {peak:g} is below "
+            f"the warmup start {start:g} and the warmup would lower the LR (a warm-down); allowed: "
+            "global_batch >= base_batch, or no warmup (warmup_steps=0; warmup_epochs=0 in goyal and lars_poly) to "
+            "train at the scaled-down LR, or a "
+            "warmup_start <= the peak"
+        )
     if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
         raise ValueError(f"milestones must be a sequence of numbers, got {milestones!r}")
     return Schedule(

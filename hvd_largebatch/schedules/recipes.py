@@ -63,10 +63,14 @@ def goyal(
         milestones: step-decay epochs, increasing, after the warmup, within training.
         gamma: decay factor per milestone.
         warmup_start: see :func:`make_schedule` (default ``base_lr``, the paper's).
-        world_size: workers, for ``warmup_start="peak/world_size"``.
+        world_size: workers, for ``warmup_start="peak/world_size"``; when
+            given, ``global_batch`` must be a multiple of it.
 
     Raises:
-        ValueError: naming the offending argument.
+        ValueError: naming the offending argument; naming ``global_batch``
+            when it is not a multiple of ``world_size``, or when it is below
+            ``base_batch`` with a warmup (the warmup would lower the LR; use
+            ``warmup_epochs=0`` to train at the scaled-down LR).
 
     Example:
         >>> s = goyal(0.1, 256, 8192, steps_per_epoch=156)
@@ -125,10 +129,11 @@ def lars_poly(
         end_lr: LR at the last step (0 <= end_lr <= peak).
         scaling: one of ``SCALING_RULES`` (default linear, as the paper).
         warmup_start: see :func:`make_schedule`.
-        world_size: workers, for ``warmup_start="peak/world_size"``.
+        world_size: workers, for ``warmup_start="peak/world_size"``; when
+            given, ``global_batch`` must be a multiple of it.
 
     Raises:
-        ValueError: naming the offending argument.
+        ValueError: naming the offending argument, as :func:`goyal`.
 
     Example:
         >>> s = lars_poly(2.0, 256, 8192, steps_per_epoch=100, epochs=10, warmup_epochs=2)

@@ -59,8 +59,9 @@ class Schedule:
         total_steps: ``T`` (>= 1).
         warmup: one of ``WARMUP_KINDS``.
         warmup_steps: ``W``, ``0 <= W <= T``; must be 0 for ``warmup="none"``.
-        warmup_start: the warmup's ``start`` LR (a number >= 0); required
-            for ``gradual`` and ``constant``, None for ``none``.
+        warmup_start: the warmup's ``start`` LR (``0 <= start <= peak`` when
+            ``W > 0``: a warmup never lowers the LR); required for ``gradual``
+            and ``constant``, None for ``none``.
         decay: one of ``DECAY_KINDS``.
         milestones: ``step`` decay only: increasing, each after the warmup
             and not after the end.
@@ -114,6 +115,11 @@ class Schedule:
             if self.warmup_start is None:
                 raise ValueError(f"warmup_start must be a number >= 0 for warmup={self.warmup!r}, got None")
             set_field("warmup_start", check_non_negative("warmup_start", self.warmup_start))
+            if self.warmup_steps and self.warmup_start > self.peak:
+                raise ValueError(
+                    f"warmup_start={self.warmup_start!r} is above peak={self.peak!r}: the warmup would lower the LR "
+                    "(a warm-down); allowed: 0 <= warmup_start <= peak, or warmup_steps=0 (no warmup)"
+                )
         check_choice("decay", self.decay, DECAYS)  # the live table: a new kind is one DECAYS entry
         check_choice("milestone_unit", self.milestone_unit, MILESTONE_UNITS)
         if self.steps_per_epoch is not None:
