@@ -247,3 +247,58 @@ def test_unknown_names_list_the_allowed_values(call, allowed):
         call()
     for value in allowed:
         assert repr(value) in str(info.value)
+
+
+# ---- what a new user trips on: the exact message of each refused schedule
+_WARM_DOWN = (
+    "global_batch=128 is below base_batch=256, so the scaled peak LR 0.05 is below the warmup start 0.1 and the "
+    "warmup would lower the LR (a warm-down); allowed: global_batch >= base_batch, or no warmup (warmup_steps=0; "
+    "warmup_epochs=0 in goyal and lars_poly) to train at the scaled-down LR, or a warmup_start <= the peak"
+)
+EXACT = [
+    (
+        "goyal global batch not divisible by world size",
+        lambda: schedules.goyal(0.1, 256, 1000, 10, epochs=10, milestones=(8,), world_size=3),
+        "global_batch=1000 is not divisible by world_size=3 x backward_passes_per_step=1; allowed: a multiple of 3",
+    ),
+    (
+        "lars_poly global batch not divisible by world size",
+        lambda: schedules.lars_poly(0.1, 256, 1000, 10, epochs=10, world_size=3),
+        "global_batch=1000 is not divisible by world_size=3 x backward_passes_per_step=1; allowed: a multiple of 3",
+    ),
+    (
+        "make_schedule global batch not divisible by world size",
+        lambda: make_schedule(0.1, 100, base_batch=256, global_batch=1000, world_size=3),
+        "global_batch=1000 is not divisible by world_size=3 x backward_passes_per_step=1; allowed: a multiple of 3",
+    ),
+    ("goyal global batch below base batch", lambda: schedules.goyal(0.1, 256, 128, 10, epochs=10, milestones=(8,)), _WARM_DOWN),
+    ("lars_poly global batch below base batch", lambda: schedules.lars_poly(0.1, 256, 128, 10, epochs=10), _WARM_DOWN),
+    (
+        "make_schedule warmup start above peak",
+        lambda: make_schedule(0.1, 100, peak=0.05, warmup_steps=5),
+        "warmup_start=0.1 is above peak=0.05: the warmup would lower the LR (a warm-down); allowed: "
+        "0 <= warmup_start <= peak, or warmup_steps=0 (no warmup)",
+    ),
+    (
+        "Schedule constant warmup start above peak",
+        lambda: Schedule(peak=1.0, total_steps=10, warmup="constant", warmup_steps=2, warmup_start=2.0),
+        "warmup_start=2.0 is above peak=1.0: the warmup would lower the LR (a warm-down); allowed: "
+        "0 <= warmup_start <= peak, or warmup_steps=0 (no warmup)",
+    ),
+]
+
+
+@pytest.mark.parametrize("call, message", [row[1:] for row in EXACT], ids=[row[0] for row in EXACT])
+def test_refused_schedules_say_exactly_why(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message
+
+
+def test_what_stays_allowed_below_the_base_batch_and_with_a_world_size():
+    # a smaller batch without warmup trains at the linearly scaled-down LR
+    s = schedules.goyal(0.1, 256, 128, 10, epochs=10, warmup_epochs=0, milestones=(8,))
+    assert s(0) == 0.05 and s(80) == pytest.approx(0.005, rel=1e-12)
+    # Horovod's start (peak / world_size) is below the peak, and 1024 divides over 4 workers
+    h = schedules.goyal(0.1, 256, 1024, 10, epochs=10, milestones=(8,), warmup_start="peak/world_size", world_size=4)
+    assert (h(0), h(50)) == (0.1, 0.4)

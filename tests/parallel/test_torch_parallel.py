@@ -48,6 +48,18 @@ def test_batchnorm_model_keeps_parameters_and_state_identical(results):
     assert [r["buffers_max_abs_vs_rank0"] > 0 for r in per_rank[1:]] == [True] * (len(results) - 1), per_rank
 
 
+def test_average_batchnorm_statistics_gives_every_rank_the_mean_of_the_ranks(results):
+    per_rank = [r["bn_average"] for r in results]
+    assert [r["layers"] for r in per_rank] == [1] * len(results)
+    assert per_rank[0]["before"]["running_mean"] != per_rank[1]["before"]["running_mean"]
+    assert [r["before"]["num_batches_tracked"] for r in per_rank] == [2 + 2 * rank for rank in range(len(results))]
+    for key in ("running_mean", "running_var"):
+        assert [r["after"][key] for r in per_rank] == [per_rank[0]["after"][key]] * len(results)  # bit-identical
+        mean = [sum(values) / len(results) for values in zip(*(r["before"][key] for r in per_rank))]
+        assert per_rank[0]["after"][key] == pytest.approx(mean, rel=1e-12, abs=1e-15)
+    assert [r["after"]["num_batches_tracked"] for r in per_rank] == [3] * len(results)  # mean of 2 and 4
+
+
 def test_clars_exact_equals_microbatch_with_k_equal_to_batch_and_is_averaged(results):
     for result in results:
         assert result["clars_exact_vs_microbatch"] <= 1e-10

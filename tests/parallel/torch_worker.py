@@ -30,6 +30,7 @@ from hvd_largebatch.torch_impl import (
     LARS,
     DistributedOptimizer,
     GradualWarmupScheduler,
+    average_batchnorm_statistics,
     broadcast_state,
     create_optimizer,
     load_checkpoint,
@@ -202,6 +203,28 @@ def check_bn_model_stays_identical() -> dict[str, Any]:
     }
 
 
+def check_batchnorm_statistics_averaged() -> dict[str, Any]:
+    """Ranks see different data (and rank r 2 + 2r batches); afterwards each holds the mean of the ranks' statistics."""
+    rank = hvd.rank()
+    model = cnn_with_bn(seed=30)
+    model.train()
+    for step in range(2 + 2 * rank):
+        x, _ = global_batch(300 + 10 * rank + step, 1, LOCAL_BATCH, shape=(1, 10))
+        model(x * (1 + rank))
+
+    def statistics() -> dict[str, Any]:
+        bn = model[1]
+        return {
+            "running_mean": bn.running_mean.tolist(),
+            "running_var": bn.running_var.tolist(),
+            "num_batches_tracked": int(bn.num_batches_tracked),
+        }
+
+    before = statistics()
+    layers = average_batchnorm_statistics(model)
+    return {"layers": layers, "before": before, "after": statistics()}
+
+
 def check_clars_exact_equals_microbatch() -> dict[str, Any]:
     rank, size = hvd.rank(), hvd.size()
     model = cnn_with_bn(seed=3)
@@ -357,6 +380,7 @@ def main() -> None:
     for name in ("lars", "clars", "lamb"):
         results[f"accumulate2/{name}"] = check_average_equals_concatenated_batch(name, passes=2)
     results["bn_model"] = check_bn_model_stays_identical()
+    results["bn_average"] = check_batchnorm_statistics_averaged()
     results.update(check_clars_exact_equals_microbatch())
     results["settings"] = check_distributed_optimizer_keeps_settings()
     for root_rank in range(hvd.size()):
