@@ -349,7 +349,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
                 f"optimizer state untouched); {count} update(s) skipped so far (optimizer.skipped_steps). "
                 f"Warned at the first skip and every {self.SKIP_WARNING_EVERY}th; pass nonfinite='raise' to stop instead",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # the user's opt.step(), past step() and torch's no_grad wrapper
             )
 
     def _apply_group(self, group: dict[str, Any], work: GroupWork, ratios_out: list | None) -> None:
