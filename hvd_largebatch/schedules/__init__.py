@@ -33,7 +33,7 @@ Example:
 
     >>> from hvd_largebatch import schedules
     >>> spe = schedules.steps_per_epoch(1281167, 8192)
-    >>> sched = schedules.goyal(0.1, 256, 8192, steps_per_epoch=spe)
+    >>> sched = schedules.goyal(0.1, 256, 8192, steps_per_epoch=spe, epochs=90)
     >>> spe, sched.total_steps, sched.warmup_steps
     (156, 14040, 780)
     >>> [round(sched(s), 6) for s in (0, 780, 30 * 156, 60 * 156, 80 * 156)]

@@ -10,9 +10,56 @@ from hvd_largebatch.schedules.batch import epochs_to_steps
 from hvd_largebatch.schedules.builder import make_schedule
 from hvd_largebatch.schedules.record import Schedule
 
-__all__ = ["goyal", "lars_poly"]
+__all__ = ["GOYAL_EPOCHS", "GOYAL_WARMUP_EPOCHS", "GOYAL_MILESTONES", "goyal_warmup_epochs", "goyal_milestones",
+           "goyal", "lars_poly"]
 
 Number = Union[int, float]
+
+#: Length of Goyal et al.'s ImageNet recipe, in epochs; its warmup and milestones below are in its epochs.
+GOYAL_EPOCHS = 90
+#: Goyal et al.'s warmup length (epochs of the 90-epoch recipe).
+GOYAL_WARMUP_EPOCHS = 5
+#: Goyal et al.'s step-decay milestones (epochs of the 90-epoch recipe).
+GOYAL_MILESTONES = (30, 60, 80)
+
+
+def goyal_warmup_epochs(epochs: Number) -> float:
+    """The default warmup of a run of ``epochs``: Goyal's 5 epochs, or 5/90 of a shorter run.
+
+    ``min(5, epochs * 5 / 90)``: a run of 90 epochs or more warms up for Goyal's
+    5 epochs; a shorter run warms up for the same fraction of itself (1/18), so
+    a 3-epoch run gets 1/6 of an epoch instead of a warmup longer than training.
+
+    Raises:
+        ValueError: naming ``epochs`` unless it is a finite number > 0.
+
+    Example:
+        >>> goyal_warmup_epochs(90), goyal_warmup_epochs(200), goyal_warmup_epochs(9)
+        (5, 5, 0.5)
+    """
+    epochs = check_positive("epochs", epochs)
+    if epochs >= GOYAL_EPOCHS:
+        return GOYAL_WARMUP_EPOCHS
+    return epochs * GOYAL_WARMUP_EPOCHS / GOYAL_EPOCHS
+
+
+def goyal_milestones(epochs: Number, after: Number = 0) -> tuple[Number, ...]:
+    """Goyal's milestones (epochs 30, 60, 80 of 90) as the same fractions of a run of ``epochs``.
+
+    ``epochs * m / 90`` for ``m`` in 30, 60, 80 (integral values become ints),
+    keeping only those later than ``after`` (the warmup, in epochs): a
+    milestone must take effect after the warmup.
+
+    Raises:
+        ValueError: naming ``epochs`` unless it is a finite number > 0.
+
+    Example:
+        >>> goyal_milestones(90), goyal_milestones(9), goyal_milestones(45, after=20)
+        ((30, 60, 80), (3, 6, 8), (30, 40))
+    """
+    epochs = check_positive("epochs", epochs)
+    values = (epochs * m / GOYAL_EPOCHS for m in GOYAL_MILESTONES)
+    return tuple(int(v) if float(v).is_integer() else v for v in values if v > after)
 
 
 def _epoch_budget(epochs: Number, warmup_epochs: Number, steps_per_epoch: int) -> tuple[int, int]:
@@ -36,9 +83,9 @@ def goyal(
     base_batch: int,
     global_batch: int,
     steps_per_epoch: int,
-    epochs: Number = 90,
-    warmup_epochs: Number = 5,
-    milestones: Iterable[Number] = (30, 60, 80),
+    epochs: Number,
+    warmup_epochs: Number | None = None,
+    milestones: Iterable[Number] | None = None,
     gamma: float = 0.1,
     *,
     warmup_start: float | str | None = None,
@@ -50,8 +97,12 @@ def goyal(
     the first ``warmup_epochs`` the LR rises per iteration,
     ``lr(t) = base_lr + (peak - base_lr) * t / W``; afterwards it is
     ``peak * gamma ** k`` with ``k`` the milestones (epochs, counted from the
-    start of training) passed by ``t / steps_per_epoch``. The paper's values
-    are the defaults: 90 epochs, 5 warmup epochs, x0.1 at epochs 30, 60, 80.
+    start of training) passed by ``t / steps_per_epoch``. ``epochs`` has no
+    default (the paper's 90 suits ImageNet, not every run); the warmup and the
+    milestones default to the paper's scaled to ``epochs``
+    (:func:`goyal_warmup_epochs`, :func:`goyal_milestones`), so
+    ``epochs=90`` gives the paper's recipe: 5 warmup epochs, x0.1 at epochs
+    30, 60, 80.
 
     Args:
         base_lr: LR at ``base_batch`` (paper: 0.1 at 256).
@@ -60,7 +111,9 @@ def goyal(
         steps_per_epoch: updates per epoch (see :func:`steps_per_epoch`).
         epochs: training length; fractional epochs round to the nearest step.
         warmup_epochs: warmup length (<= epochs); 0 disables the warmup.
+            Default: ``min(5, epochs / 18)``.
         milestones: step-decay epochs, increasing, after the warmup, within training.
+            Default: ``epochs`` x (1/3, 2/3, 8/9), those after the warmup.
         gamma: decay factor per milestone.
         warmup_start: see :func:`make_schedule` (default ``base_lr``, the paper's).
         world_size: workers, for ``warmup_start="peak/world_size"``; when
@@ -73,11 +126,22 @@ def goyal(
             ``warmup_epochs=0`` to train at the scaled-down LR).
 
     Example:
-        >>> s = goyal(0.1, 256, 8192, steps_per_epoch=156)
+        >>> s = goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=90)
         >>> round(s(1), 6), round(s(779), 6), s(780)
         (0.103974, 3.196026, 3.2)
+        >>> goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=9).describe()
+        'gradual warmup over 78 steps from 0.1 to peak 3.2, then step decay x0.1 at epochs 3, 6, 8; 1404 steps'
     """
+    if warmup_epochs is None:
+        warmup_epochs = goyal_warmup_epochs(epochs)
     total, warm = _epoch_budget(epochs, warmup_epochs, steps_per_epoch)
+    if milestones is None:
+        milestones = goyal_milestones(epochs, after=warm / steps_per_epoch)
+        if not milestones:
+            raise ValueError(
+                f"milestones: the default ones (epochs x 1/3, 2/3, 8/9) all lie within the warmup "
+                f"(warmup_epochs={warmup_epochs:g} of epochs={epochs:g}); pass milestones explicitly"
+            )
     return make_schedule(
         base_lr,
         total,

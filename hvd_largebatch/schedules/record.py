@@ -160,7 +160,7 @@ class Schedule:
 
         Example:
             >>> from hvd_largebatch.schedules import goyal
-            >>> goyal(0.1, 256, 8192, steps_per_epoch=156).milestone_steps
+            >>> goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=90).milestone_steps
             (4680, 9360, 12480)
         """
         if self.milestone_unit == "step":
@@ -181,7 +181,7 @@ class Schedule:
 
         Example:
             >>> from hvd_largebatch.schedules import goyal
-            >>> goyal(0.1, 256, 8192, steps_per_epoch=156).describe()
+            >>> goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=90).describe()
             'gradual warmup over 780 steps from 0.1 to peak 3.2, then step decay x0.1 at epochs 30, 60, 80; 14040 steps'
         """
         warmup = "none" if self.warmup_steps == 0 else self.warmup

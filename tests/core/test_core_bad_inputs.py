@@ -17,6 +17,7 @@ from hvd_largebatch.schedules import Schedule, make_schedule
 NAN, INF = math.nan, math.inf
 GOOD = dict(base_lr=0.1, base_batch=256, global_batch=8192, steps_per_epoch=156)
 LARS_POLY = dict(GOOD, epochs=10)
+GOYAL = dict(GOOD, epochs=90)
 
 
 def small_schedule(**kw) -> Schedule:
@@ -118,15 +119,16 @@ BAD_INPUTS = [
     ("from_config not a mapping", lambda: Schedule.from_config([("peak", 1.0)]), "config"),
     ("from_config bad value", lambda: Schedule.from_config({"peak": 1.0, "total_steps": 10, "decay": "exp"}), "decay"),
     # ---- goyal / lars_poly
-    ("goyal negative lr", lambda: schedules.goyal(**{**GOOD, "base_lr": -0.1}), "base_lr"),
-    ("goyal zero global batch", lambda: schedules.goyal(**{**GOOD, "global_batch": 0}), "global_batch"),
-    ("goyal zero spe", lambda: schedules.goyal(**{**GOOD, "steps_per_epoch": 0}), "steps_per_epoch"),
-    ("goyal non-int spe", lambda: schedules.goyal(**{**GOOD, "steps_per_epoch": 156.5}), "steps_per_epoch"),
-    ("goyal zero epochs", lambda: schedules.goyal(**GOOD, epochs=0), "epochs"),
-    ("goyal warmup longer than training", lambda: schedules.goyal(**GOOD, epochs=4, milestones=(3,)), "warmup_epochs"),
-    ("goyal milestone past end", lambda: schedules.goyal(**GOOD, milestones=(30, 60, 100)), "milestones"),
-    ("goyal zero gamma", lambda: schedules.goyal(**GOOD, gamma=0.0), "gamma"),
-    ("goyal unknown start", lambda: schedules.goyal(**GOOD, warmup_start="half"), "warmup_start"),
+    ("goyal negative lr", lambda: schedules.goyal(**{**GOYAL, "base_lr": -0.1}), "base_lr"),
+    ("goyal zero global batch", lambda: schedules.goyal(**{**GOYAL, "global_batch": 0}), "global_batch"),
+    ("goyal zero spe", lambda: schedules.goyal(**{**GOYAL, "steps_per_epoch": 0}), "steps_per_epoch"),
+    ("goyal non-int spe", lambda: schedules.goyal(**{**GOYAL, "steps_per_epoch": 156.5}), "steps_per_epoch"),
+    ("goyal zero epochs", lambda: schedules.goyal(**{**GOYAL, "epochs": 0}), "epochs"),
+    ("goyal warmup longer than training", lambda: schedules.goyal(**{**GOYAL, "epochs": 4}, warmup_epochs=5, milestones=(3,)), "warmup_epochs"),
+    ("goyal milestone past end", lambda: schedules.goyal(**GOYAL, milestones=(30, 60, 100)), "milestones"),
+    ("goyal zero gamma", lambda: schedules.goyal(**GOYAL, gamma=0.0), "gamma"),
+    ("goyal unknown start", lambda: schedules.goyal(**GOYAL, warmup_start="half"), "warmup_start"),
+    ("goyal default milestones all in warmup", lambda: schedules.goyal(**{**GOYAL, "epochs": 9}, warmup_epochs=8.5), "milestones"),
     ("lars_poly negative power", lambda: schedules.lars_poly(**LARS_POLY, power=-2.0), "power"),
     ("lars_poly end lr above peak", lambda: schedules.lars_poly(**LARS_POLY, end_lr=100.0), "end_lr"),
     ("lars_poly warmup longer than training", lambda: schedules.lars_poly(**LARS_POLY, warmup_epochs=20), "warmup_epochs"),

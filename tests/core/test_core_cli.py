@@ -58,7 +58,7 @@ def test_json_output_parses_and_matches_the_library(capsys):
     assert code == 0
     data = json.loads(out)
     schedule = schedules.Schedule.from_config(data["schedule"])
-    assert schedule == schedules.goyal(0.1, 256, 8192, steps_per_epoch=156)
+    assert schedule == schedules.goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=90)
     assert data["summary"]["peak"] == pytest.approx(3.2)
     assert (data["summary"]["total_steps"], data["summary"]["warmup_steps"]) == (14040, 780)
     by_step = {row["step"]: row for row in data["table"]}

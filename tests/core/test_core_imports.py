@@ -79,7 +79,7 @@ def test_core_imports_and_cli_runs_with_frameworks_blocked():
         import hvd_largebatch.noise_scale
         import hvd_largebatch.elastic_schedule, hvd_largebatch.elastic_data
         from hvd_largebatch import schedules
-        assert abs(schedules.goyal(0.1, 256, 8192, steps_per_epoch=156)(780) - 3.2) < 1e-12
+        assert abs(schedules.goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=90)(780) - 3.2) < 1e-12
         code = hvd_largebatch.cli.main(["schedule", "--base-lr", "0.1", "--global-batch", "8192", "--epochs", "90",
                                         "--dataset-size", "1281167", "--json"])
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)

@@ -20,7 +20,7 @@ T = 90 * SPE  # 14040
 
 @pytest.fixture(scope="module")
 def goyal_8k() -> Schedule:
-    return schedules.goyal(0.1, 256, 8192, steps_per_epoch=schedules.steps_per_epoch(1281167, 8192))
+    return schedules.goyal(0.1, 256, 8192, steps_per_epoch=schedules.steps_per_epoch(1281167, 8192), epochs=90)
 
 
 def test_goyal_8k_hand_computed(goyal_8k):
@@ -45,6 +45,28 @@ def test_goyal_8k_hand_computed(goyal_8k):
     for step, lr in expected.items():
         assert goyal_8k(step) == pytest.approx(lr, rel=1e-12, abs=0), step
     assert goyal_8k.milestone_steps == (4680, 9360, 12480)
+
+
+@pytest.mark.parametrize(
+    "epochs, warmup_steps, milestones, total_steps",
+    [
+        (90, 5 * 10, (30, 60, 80), 900),  # the paper's recipe
+        (180, 5 * 10, (60, 120, 160), 1800),  # longer runs keep Goyal's 5 warmup epochs
+        (9, 5, (3, 6, 8), 90),  # shorter runs: the same fractions, warmup 1/18 of the run
+        (3, 2, (1, 2, 8 / 3), 30),  # 1/6 epoch of warmup rounds to 2 steps
+        (50, 28, (50 / 3, 100 / 3, 400 / 9), 500),
+    ],
+)
+def test_goyal_defaults_follow_epochs(epochs, warmup_steps, milestones, total_steps):
+    s = schedules.goyal(0.1, 256, 1024, steps_per_epoch=10, epochs=epochs)
+    assert (s.warmup_steps, s.total_steps) == (warmup_steps, total_steps)
+    assert s.milestones == pytest.approx(milestones, rel=1e-15)
+    assert s(s.total_steps) == pytest.approx(0.4 * 0.1**3)  # every default milestone lies within training
+
+
+def test_goyal_needs_epochs():
+    with pytest.raises(TypeError, match="epochs"):
+        schedules.goyal(0.1, 256, 1024, 10)
 
 
 def test_goyal_warmup_is_linear_in_the_step(goyal_8k):
@@ -193,8 +215,8 @@ def test_schedule_is_immutable():
 
 
 ROUND_TRIP_SCHEDULES = [
-    schedules.goyal(0.1, 256, 8192, steps_per_epoch=156),
-    schedules.goyal(0.1, 256, 8192, steps_per_epoch=156, warmup_start="peak/world_size", world_size=32),
+    schedules.goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=90),
+    schedules.goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=90, warmup_start="peak/world_size", world_size=32),
     schedules.lars_poly(2.0, 256, 16384, steps_per_epoch=78, epochs=90, warmup_epochs=2.5, end_lr=1e-4),
     small(decay="step", milestones=(2, 3.5), steps_per_epoch=3),
     small(decay="step", milestones=(6, 9), milestone_unit="step"),
