@@ -16,6 +16,14 @@ Error convention, shared by every command: bad arguments print ONE line
 That covers argparse's own errors (see :class:`OneLineErrorParser`) and every
 ``ValueError`` a handler raises (the library's validation errors name the
 argument and its allowed values), so a handler simply lets them propagate.
+The library names its arguments the Python way (``world_size=3``); a command
+maps those names to its flags with ``parser.set_defaults(flag_names={...})``
+and :func:`in_flag_terms` rewrites the message here, in one place
+(``--workers 3``).
+
+Output piped into a command that stops reading (``hvd-largebatch schedule ... | head``)
+ends quietly with exit code 141 (128 + SIGPIPE, what the shell reports for a
+command killed by SIGPIPE), as standard command-line tools do.
 
 Example (shell), Goyal et al.'s ImageNet recipe at a global batch of 8192::
 
@@ -27,11 +35,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-__all__ = ["PROG", "COMMAND_MODULES", "OneLineErrorParser", "build_parser", "main"]
+__all__ = ["PROG", "COMMAND_MODULES", "BROKEN_PIPE_EXIT", "OneLineErrorParser", "in_flag_terms", "build_parser", "main"]
 
 #: The console script's name (setup.cfg: ``hvd-largebatch = hvd_largebatch.cli:main``).
 PROG = "hvd-largebatch"
@@ -42,6 +52,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hvd_largebatch.bench.command",
     "hvd_largebatch.bench.noise_scale_command",
 )
+
+#: Exit code when stdout was closed by the reader (128 + SIGPIPE).
+BROKEN_PIPE_EXIT = 141
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -58,6 +71,40 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())
+
+
+def in_flag_terms(message: str, flag_names: Mapping[str, str]) -> str:
+    """Rewrites the library's argument names in ``message`` as the command's flags.
+
+    ``name=value`` becomes ``--flag value`` (quotes of a string value
+    dropped), for every ``name`` of ``flag_names``; a bare ``name`` becomes
+    ``--flag`` when it opens the message (the library's messages start with
+    the argument at fault) or holds an underscore, so English words such as
+    "the warmup" stay words. Text inside quotes (a value such as
+    ``'peak/world_size'``) and names inside a longer word are left alone.
+
+    Example:
+        >>> in_flag_terms("end_lr must be <= peak for decay='poly', got end_lr=1.0 > peak=0.4",
+        ...               {"end_lr": "--end-lr", "decay": "--decay"})
+        '--end-lr must be <= peak for --decay poly, got --end-lr 1.0 > peak=0.4'
+    """
+    if not flag_names:
+        return message
+    names = "|".join(sorted(map(re.escape, flag_names), key=len, reverse=True))
+    quoted = r"'[^']*'|\"[^\"]*\""
+    pattern = re.compile(rf"({quoted})|(?<![\w/.-])({names})(?:=({quoted}|[^\s,;:)]+))?(?![\w/])")
+
+    def rename(match: re.Match) -> str:
+        if match.group(1) is not None:  # a quoted value: left as it is
+            return match.group(1)
+        flag, value = flag_names[match.group(2)], match.group(3)
+        if value is None:
+            return flag if match.start() == 0 or "_" in match.group(2) else match.group(2)
+        if value[0] in "'\"":
+            value = value[1:-1]
+        return f"{flag} {value}"
+
+    return pattern.sub(rename, message)
 
 
 def build_parser() -> OneLineErrorParser:
@@ -77,18 +124,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The command's exit code; 2 for bad arguments (argparse errors and any
-        ``ValueError`` from the command), after one line on stderr.
+        ``ValueError`` from the command), after one line on stderr;
+        :data:`BROKEN_PIPE_EXIT` when the reader of stdout went away.
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_request:  # argparse: --help (0) or a usage error (2, already printed)
-        return int(exit_request.code or 0)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_request:  # argparse: --help (0) or a usage error (2, already printed)
+            sys.stdout.flush()
+            return int(exit_request.code or 0)
+        try:
+            code = int(args.handler(args))
+        except ValueError as err:
+            message = in_flag_terms(_one_line(err), getattr(args, "flag_names", {}))
+            print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_EXIT
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null so the interpreter's final flush cannot raise again."""
     try:
-        return int(args.handler(args))
-    except ValueError as err:
-        print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured): nothing to flush into a pipe
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m hvd_largebatch` is the supported form

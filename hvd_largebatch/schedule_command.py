@@ -7,6 +7,14 @@ matter: start, the per-iteration warmup ramp, end of warmup, each decay
 milestone, a few epoch boundaries and the end. Registered by
 :mod:`hvd_largebatch.cli` through :func:`register`.
 
+Defaults follow the run the user describes: the warmup is Goyal's 5 epochs,
+or 5/90 of a run shorter than his 90 epochs
+(:func:`~hvd_largebatch.schedules.recipes.goyal_warmup_epochs`); step-decay
+milestones are his epochs 30, 60, 80 of 90 as fractions of ``--epochs``
+(:func:`~hvd_largebatch.schedules.recipes.goyal_milestones`). A flag that the
+chosen ``--decay``/``--warmup``/batch form does not read is refused, naming
+what ignores it, rather than silently dropped.
+
 Example (shell)::
 
     hvd-largebatch schedule --base-lr 0.1 --base-batch 256 --global-batch 8192 \\
@@ -23,11 +31,43 @@ from typing import Any
 
 from hvd_largebatch import schedules
 from hvd_largebatch.config import check_non_negative, check_positive
+from hvd_largebatch.schedules.decay import DECAYS
+from hvd_largebatch.schedules.recipes import goyal_milestones, goyal_warmup_epochs
 
-__all__ = ["register", "run", "build_schedule", "key_steps", "table_rows", "format_report", "write_plot"]
+__all__ = ["FLAG_NAMES", "register", "run", "build_schedule", "key_steps", "table_rows", "format_report", "write_plot"]
 
-_GOYAL_MILESTONES = (30, 60, 80)
-_DEFAULT_WARMUP_EPOCHS = 5.0
+#: The library's argument names as this command's flags, for error messages (see ``cli.in_flag_terms``).
+FLAG_NAMES = {
+    "base_lr": "--base-lr",
+    "base_batch": "--base-batch",
+    "global_batch": "--global-batch",
+    "per_worker_batch": "--per-worker-batch",
+    "world_size": "--workers",
+    "backward_passes_per_step": "--backward-passes-per-step",
+    "scaling": "--scaling",
+    "dataset_size": "--dataset-size",
+    "steps_per_epoch": "--steps-per-epoch",
+    "epochs": "--epochs",
+    "warmup_epochs": "--warmup-epochs",
+    "warmup": "--warmup",
+    "warmup_start": "--warmup-start",
+    "decay": "--decay",
+    "milestones": "--milestones",
+    "milestone_unit": "--milestone-unit",
+    "gamma": "--gamma",
+    "power": "--power",
+    "end_lr": "--end-lr",
+}
+#: Values of the decay flags when not given (each is refused with a decay that does not read it).
+_DECAY_DEFAULTS = {"milestone_unit": "epoch", "gamma": 0.1, "power": 2.0, "end_lr": 0.0}
+#: The decays that read each decay flag.
+_DECAY_FLAG_USERS = {
+    "milestones": tuple(kind for kind, piece in DECAYS.items() if piece.uses_milestones),
+    "milestone_unit": tuple(kind for kind, piece in DECAYS.items() if piece.uses_milestones),
+    "gamma": tuple(kind for kind, piece in DECAYS.items() if piece.uses_milestones),
+    "power": ("poly",),
+    "end_lr": tuple(kind for kind, piece in DECAYS.items() if piece.ends_at_end_lr),
+}
 _PLOT_POINTS = 20000  # schedules longer than this are sampled (key steps always included)
 
 
@@ -62,106 +102,181 @@ def register(subparsers: Any) -> None:
         ),
     )
     lr = parser.add_argument_group("learning rate and batch")
-    lr.add_argument("--base-lr", type=float, required=True, help="LR tuned at --base-batch (Goyal: 0.1)")
+    lr.add_argument("--base-lr", type=float, required=True, help="LR tuned at --base-batch, e.g. Goyal's 0.1 (required)")
     lr.add_argument("--base-batch", type=int, default=256, help="reference batch of --base-lr (default: 256)")
     batch = lr.add_mutually_exclusive_group(required=True)
-    batch.add_argument("--global-batch", type=int, help="examples per update over all workers")
-    batch.add_argument("--per-worker-batch", type=int, help="examples per worker per pass (needs --workers)")
-    lr.add_argument("--workers", type=int, help="Horovod world size; checks that the global batch divides evenly")
+    batch.add_argument("--global-batch", type=int, help="examples per update over all workers (required, or --per-worker-batch)")
+    batch.add_argument("--per-worker-batch", type=int, help="examples per worker per pass; needs --workers (required, or --global-batch)")
     lr.add_argument(
-        "--backward-passes-per-step", type=int, default=1, help="local gradient accumulation per update (default: 1)"
+        "--workers",
+        type=int,
+        help="Horovod world size; checks that the global batch divides evenly (default: not checked)",
     )
-    lr.add_argument("--scaling", choices=schedules.SCALING_RULES, default="linear", help="LR scaling rule")
+    lr.add_argument(
+        "--backward-passes-per-step",
+        type=int,
+        default=None,
+        help="local gradient accumulation per update; needs --workers (default: 1)",
+    )
+    lr.add_argument(
+        "--scaling", choices=schedules.SCALING_RULES, default="linear", help="LR scaling rule (default: linear)"
+    )
 
     length = parser.add_argument_group("training length")
-    length.add_argument("--epochs", type=float, required=True, help="training epochs")
+    length.add_argument("--epochs", type=float, required=True, help="training epochs (required)")
     per_epoch = length.add_mutually_exclusive_group(required=True)
-    per_epoch.add_argument("--dataset-size", type=int, help="training examples (steps per epoch = size / batch)")
-    per_epoch.add_argument("--steps-per-epoch", type=int, help="optimizer updates per epoch")
+    per_epoch.add_argument("--dataset-size", type=int, help="training examples, steps per epoch = size / batch (required, or --steps-per-epoch)")
+    per_epoch.add_argument("--steps-per-epoch", type=int, help="optimizer updates per epoch (required, or --dataset-size)")
     length.add_argument(
-        "--keep-remainder", action="store_true", help="count the last partial batch of an epoch as a step"
+        "--keep-remainder",
+        action="store_true",
+        help="with --dataset-size: count the last partial batch of an epoch as a step (default: dropped)",
     )
 
     warmup = parser.add_argument_group("warmup")
-    warmup.add_argument("--warmup", choices=schedules.WARMUP_KINDS, default="gradual", help="warmup kind")
+    warmup.add_argument(
+        "--warmup", choices=schedules.WARMUP_KINDS, default="gradual", help="warmup kind (default: gradual)"
+    )
     warmup.add_argument(
         "--warmup-epochs",
         type=float,
         default=None,
-        help=f"warmup length in epochs (default: {_DEFAULT_WARMUP_EPOCHS:g}, or 0 with --warmup none)",
+        help="warmup length in epochs (default: Goyal's 5, or 5/90 of a run shorter than 90 epochs)",
     )
     warmup.add_argument(
         "--warmup-start",
         type=_number_or_name,
         default=None,
-        help="warmup start LR: a number, 'base_lr' (Goyal, default) or 'peak/world_size' (Horovod; needs --workers)",
+        help="warmup start LR: a number, 'base_lr' (Goyal) or 'peak/world_size' (Horovod; needs --workers) "
+        "(default: base_lr)",
     )
 
     decay = parser.add_argument_group("decay")
-    decay.add_argument("--decay", choices=schedules.DECAY_KINDS, default="step", help="decay after warmup")
+    decay.add_argument(
+        "--decay", choices=schedules.DECAY_KINDS, default="step", help="decay after warmup (default: step)"
+    )
     decay.add_argument(
         "--milestones",
         type=_milestone,
         nargs="+",
         default=None,
-        help="step decay milestones (default: 30 60 80 epochs)",
+        help="step decay milestones (default: Goyal's epochs 30 60 80 of 90 scaled to --epochs, i.e. "
+        "1/3, 2/3 and 8/9 of the run)",
     )
-    decay.add_argument("--milestone-unit", choices=schedules.MILESTONE_UNITS, default="epoch")
-    decay.add_argument("--gamma", type=float, default=0.1, help="step decay factor (default: 0.1)")
-    decay.add_argument("--power", type=float, default=2.0, help="poly decay power (default: 2)")
-    decay.add_argument("--end-lr", type=float, default=0.0, help="final LR of poly/cosine/linear (default: 0)")
+    decay.add_argument(
+        "--milestone-unit",
+        choices=schedules.MILESTONE_UNITS,
+        default=None,
+        help="unit of --milestones (default: epoch)",
+    )
+    decay.add_argument("--gamma", type=float, default=None, help="step decay factor (default: 0.1)")
+    decay.add_argument("--power", type=float, default=None, help="poly decay power (default: 2)")
+    decay.add_argument("--end-lr", type=float, default=None, help="final LR of poly/cosine/linear (default: 0)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--plot", metavar="FILE.png", help="write a plot of LR against epoch (matplotlib)")
-    output.add_argument("--json", action="store_true", help="print the schedule config and the table as JSON")
-    parser.set_defaults(handler=run)
+    output.add_argument(
+        "--plot", metavar="FILE.png", help="write a plot of LR against epoch (matplotlib) (default: no plot)"
+    )
+    output.add_argument(
+        "--json", action="store_true", help="print the schedule config and the table as JSON (default: text)"
+    )
+    parser.set_defaults(handler=run, flag_names=FLAG_NAMES)
+
+
+def _flag(name: str) -> str:
+    return FLAG_NAMES[name]
+
+
+def _refuse_unused(args: argparse.Namespace) -> None:
+    """Refuses every given flag that the chosen decay, warmup or batch form does not read.
+
+    Raises:
+        ValueError: ``--X is only used by ...; ... ignores it``.
+    """
+    for name, users in _DECAY_FLAG_USERS.items():
+        if getattr(args, name) is not None and args.decay not in users:
+            raise ValueError(
+                f"{_flag(name)} is only used by --decay {', '.join(users)}; --decay {args.decay} ignores it"
+            )
+    if args.warmup == "none":
+        for name in ("warmup_epochs", "warmup_start"):
+            if getattr(args, name) is not None:
+                users = ", ".join(kind for kind in schedules.WARMUP_KINDS if kind != "none")
+                raise ValueError(f"{_flag(name)} is only used by --warmup {users}; --warmup none ignores it")
+    if args.keep_remainder and args.dataset_size is None:
+        raise ValueError("--keep-remainder is only used with --dataset-size; --steps-per-epoch ignores it")
+    if args.backward_passes_per_step is not None and args.workers is None:
+        raise ValueError(
+            "--backward-passes-per-step is only used with --workers (per-worker batch = global batch / "
+            "(workers x passes)); without --workers it is ignored"
+        )
 
 
 def build_schedule(args: argparse.Namespace) -> tuple[schedules.Schedule, dict[str, Any]]:
     """The schedule described by parsed arguments, and a summary of how it was derived.
 
     Raises:
-        ValueError: naming the option (or library argument) at fault.
+        ValueError: naming the option at fault (the library's argument names
+            become flags in :func:`hvd_largebatch.cli.main` through :data:`FLAG_NAMES`).
     """
+    _refuse_unused(args)
+    passes = 1 if args.backward_passes_per_step is None else args.backward_passes_per_step
+    decay_args = {name: (default if getattr(args, name) is None else getattr(args, name))
+                  for name, default in _DECAY_DEFAULTS.items()}
     if args.per_worker_batch is not None:
         if args.workers is None:
             raise ValueError("--per-worker-batch needs --workers (global batch = per-worker batch x workers)")
-        global_batch = schedules.global_batch_size(args.per_worker_batch, args.workers, args.backward_passes_per_step)
+        global_batch = schedules.global_batch_size(args.per_worker_batch, args.workers, passes)
     else:
         global_batch = args.global_batch
     per_worker = None
     if args.workers is not None:
-        per_worker = schedules.per_worker_batch_size(global_batch, args.workers, args.backward_passes_per_step)
+        per_worker = schedules.per_worker_batch_size(global_batch, args.workers, passes)
 
     if args.steps_per_epoch is not None:
         steps_per_epoch = args.steps_per_epoch
     else:
-        steps_per_epoch = schedules.steps_per_epoch(args.dataset_size, global_batch, not args.keep_remainder)
+        size = args.dataset_size
+        if not args.keep_remainder and isinstance(size, int) and isinstance(global_batch, int) and 0 < size < global_batch:
+            raise ValueError(
+                f"--dataset-size {size} is smaller than the global batch {global_batch}: an epoch would have no "
+                "step; allowed: --dataset-size >= global batch, or --keep-remainder"
+            )
+        steps_per_epoch = schedules.steps_per_epoch(size, global_batch, not args.keep_remainder)
 
-    epochs = check_positive("--epochs", args.epochs)
-    if args.warmup_epochs is None:
-        warmup_epochs = 0.0 if args.warmup == "none" else _DEFAULT_WARMUP_EPOCHS
+    epochs = check_positive("epochs", args.epochs)
+    defaults: dict[str, str] = {}
+    if args.warmup == "none":
+        warmup_epochs = 0.0
+    elif args.warmup_epochs is None:
+        warmup_epochs = goyal_warmup_epochs(epochs)
+        defaults["warmup_epochs"] = "Goyal's 5, or 5/90 of a shorter run"
     else:
-        warmup_epochs = check_non_negative("--warmup-epochs", args.warmup_epochs)
-    if args.warmup == "none" and warmup_epochs:
-        raise ValueError(f"--warmup-epochs must be 0 with --warmup none, got {warmup_epochs:g}")
+        warmup_epochs = check_non_negative("warmup_epochs", args.warmup_epochs)
     if warmup_epochs > epochs:
         raise ValueError(
             f"--warmup-epochs {warmup_epochs:g} is longer than training (--epochs {epochs:g}); "
             "allowed: 0 <= warmup epochs <= epochs"
         )
-    total_steps = schedules.epochs_to_steps(epochs, steps_per_epoch, "--epochs")
+    total_steps = schedules.epochs_to_steps(epochs, steps_per_epoch, "epochs")
     if total_steps < 1:
         raise ValueError(f"--epochs {epochs:g} gives no optimizer step at {steps_per_epoch} steps per epoch")
-    warmup_steps = schedules.epochs_to_steps(warmup_epochs, steps_per_epoch, "--warmup-epochs")
+    warmup_steps = schedules.epochs_to_steps(warmup_epochs, steps_per_epoch, "warmup_epochs")
 
     milestones: tuple = ()
     if args.decay == "step":
-        if args.milestones is None and args.milestone_unit == "step":
+        if args.milestones is not None:
+            milestones = tuple(args.milestones)
+        elif decay_args["milestone_unit"] == "step":
             raise ValueError("--milestones is required with --milestone-unit step")
-        milestones = tuple(args.milestones) if args.milestones is not None else _GOYAL_MILESTONES
-    elif args.milestones is not None:
-        raise ValueError(f"--milestones is only used by --decay step, got --decay {args.decay}")
+        else:
+            milestones = goyal_milestones(epochs, after=warmup_steps / steps_per_epoch)
+            if not milestones:
+                raise ValueError(
+                    f"--milestones: the default ones (1/3, 2/3 and 8/9 of --epochs {epochs:g}) all lie within the "
+                    f"warmup (--warmup-epochs {warmup_epochs:g}); pass --milestones"
+                )
+            defaults["milestones"] = "Goyal's epochs 30, 60, 80 of 90 scaled to --epochs"
 
     schedule = schedules.make_schedule(
         args.base_lr,
@@ -175,11 +290,8 @@ def build_schedule(args: argparse.Namespace) -> tuple[schedules.Schedule, dict[s
         world_size=args.workers,
         decay=args.decay,
         milestones=milestones,
-        milestone_unit=args.milestone_unit,
         steps_per_epoch=steps_per_epoch,
-        gamma=args.gamma,
-        power=args.power,
-        end_lr=args.end_lr,
+        **decay_args,
     )
     summary = {
         "base_lr": float(args.base_lr),
@@ -187,7 +299,7 @@ def build_schedule(args: argparse.Namespace) -> tuple[schedules.Schedule, dict[s
         "global_batch": global_batch,
         "workers": args.workers,
         "per_worker_batch": per_worker,
-        "backward_passes_per_step": args.backward_passes_per_step,
+        "backward_passes_per_step": passes,
         "scaling": args.scaling,
         "peak": schedule.peak,
         "dataset_size": args.dataset_size,
@@ -198,6 +310,7 @@ def build_schedule(args: argparse.Namespace) -> tuple[schedules.Schedule, dict[s
         "total_steps": schedule.total_steps,
         "warmup_steps": schedule.warmup_steps,
         "final_lr": schedule(schedule.total_steps),
+        "defaults": defaults,
     }
     return schedule, summary
 
@@ -278,6 +391,10 @@ def format_report(schedule: schedules.Schedule, summary: dict[str, Any], rows: l
         f"{per_epoch}; total steps {summary['total_steps']} ({summary['epochs']:g} epochs); "
         f"warmup steps {summary['warmup_steps']} ({summary['warmup_epochs']:g} epochs)",
         schedule.describe(),
+    ]
+    if summary.get("defaults"):
+        lines.append("defaults used: " + "; ".join(f"{_flag(name)}: {why}" for name, why in summary["defaults"].items()))
+    lines += [
         "",
         f"{'step':>9}  {'epoch':>7}  {'lr':>12}  event",
     ]

@@ -27,7 +27,24 @@ from hvd_largebatch.bench.study import DEFAULT_HORIZON, DEFAULT_TARGETS, DEFAULT
 from hvd_largebatch.bench.tuning import SearchSpace
 from hvd_largebatch.bench.worker import print_line
 
-__all__ = ["register", "run"]
+__all__ = ["FLAG_NAMES", "register", "run"]
+
+#: The study's argument names as this command's flags, for error messages (see ``cli.in_flag_terms``).
+FLAG_NAMES = {
+    "framework": "--framework",
+    "methods": "--methods",
+    "batch_sizes": "--batch-sizes",
+    "targets": "--targets",
+    "trials": "--trials",
+    "seeds": "--seeds",
+    "epochs": "--epochs",
+    "workers": "--workers",
+    "train_size": "--train-size",
+    "validation_size": "--validation-size",
+    "test_size": "--test-size",
+    "base_batch": "--base-batch",
+    "horizon": "--horizon",
+}
 
 
 def register(subparsers: Any) -> None:
@@ -87,8 +104,8 @@ def register(subparsers: Any) -> None:
                         help="MNIST-1D examples generated for training and validation, default: %(default)s")
     parser.add_argument("--validation-size", type=int, default=DEFAULT_VALIDATION_SIZE,
                         help="of those, held out for the targets, default: %(default)s")
-    parser.add_argument("--test-size", type=int, default=DEFAULT_TEST_SIZE, help="MNIST-1D test examples")
-    parser.add_argument("--data-seed", type=int, default=DEFAULT_SEED, help="seed of the MNIST-1D generator")
+    parser.add_argument("--test-size", type=int, default=DEFAULT_TEST_SIZE, help="MNIST-1D test examples, default: %(default)s")
+    parser.add_argument("--data-seed", type=int, default=DEFAULT_SEED, help="seed of the MNIST-1D generator, default: %(default)s")
     parser.add_argument(
         "--base-batch", type=int, default=BASE_BATCH, help="the batch the base LRs refer to, default: %(default)s"
     )
@@ -96,14 +113,14 @@ def register(subparsers: Any) -> None:
         "--base-lr",
         metavar="METHOD=LR[,...]",
         default=None,
-        help="override base LRs (at --base-batch), e.g. lars=1.0,sgd=0.05",
+        help="override base LRs (at --base-batch), e.g. lars=1.0,sgd=0.05, default: the base LRs listed above",
     )
     parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: rewrite the reports of --out from its results.json")
+                        help="run nothing: rewrite the reports of --out from its results.json, default: off (run the study)")
     parser.add_argument("--merge", action="append", default=[], metavar="DIR",
                         help="with --report-only: first add the finished runs of another output directory of "
-                             "the same study settings (e.g. other methods run at the same time) to --out")
-    parser.set_defaults(handler=run)
+                             "the same study settings (e.g. other methods run at the same time) to --out; repeatable, default: none")
+    parser.set_defaults(handler=run, flag_names=FLAG_NAMES)
 
 
 def _settings(args: argparse.Namespace, workers: int) -> StudySettings:

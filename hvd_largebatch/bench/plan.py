@@ -96,10 +96,26 @@ def parse_int_list(text: str, argument: str) -> list[int]:
 
 
 def parse_name_list(text: str, argument: str, allowed: Iterable[str]) -> list[str]:
-    """``"sgd,lars"`` -> ``["sgd", "lars"]``; raises ValueError naming ``argument`` and the allowed names."""
+    """``"sgd,lars"`` -> ``["sgd", "lars"]``.
+
+    Raises:
+        ValueError: naming ``argument``, exactly the unknown names (or that
+            none was given) and the allowed names.
+
+    Example:
+        >>> parse_name_list("lars,rmsprop,lamb,adamw", "--methods", ("lars", "lamb"))
+        Traceback (most recent call last):
+        ...
+        ValueError: --methods has unknown names 'rmsprop', 'adamw'; allowed: lars, lamb (comma-separated)
+    """
     allowed = tuple(allowed)
     names = [item.strip() for item in text.split(",") if item.strip()]
+    if not names:
+        raise ValueError(f"{argument} must name at least one of {', '.join(allowed)} (comma-separated); got {text!r}")
     unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
-        raise ValueError(f"{argument} must be a comma-separated list of {', '.join(allowed)}; got {text!r}")
+    if unknown:
+        label = "an unknown name" if len(unknown) == 1 else "unknown names"
+        raise ValueError(
+            f"{argument} has {label} {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)} (comma-separated)"
+        )
     return names
