@@ -453,6 +453,8 @@ def write_plot(schedule: schedules.Schedule, path: str) -> None:
         figure.savefig(path)
     except OSError as err:
         raise ValueError(f"--plot cannot write {path}: {err.strerror or err}") from None
+    except ValueError as err:  # matplotlib: a file extension it has no writer for
+        raise ValueError(f"--plot cannot write {path}: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:

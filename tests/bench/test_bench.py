@@ -280,14 +280,13 @@ def test_inside_horovodrun_is_detected_from_the_environment():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--methods", "sgd,rmsprop"], "--methods must be a comma-separated list of"),
-        (["--methods", "sgd,sgd"], "methods must be a non-empty list without repeats"),
-        (["--targets", "0.97,95"], "targets must be an accuracy in (0, 1)"),
+        (["--methods", "sgd,sgd"], "--methods must be a non-empty list without repeats"),
+        (["--targets", "0.97,95"], "--targets must be an accuracy in (0, 1)"),
         (["--lr-range", "0.5"], "--lr-range must hold exactly 2 number(s)"),
         (["--batch-sizes", "64,big"], "--batch-sizes must be comma-separated integers"),
         (["--base-lr", "lars:2"], "--base-lr must look like METHOD=LR"),
-        (["--trials", "0"], "trials must be an integer >= 1"),
-        (["--validation-size", "60000"], "validation_size must be smaller"),
+        (["--trials", "0"], "--trials must be an integer >= 1"),
+        (["--validation-size", "60000"], "--validation-size must be smaller"),
         (["--framework", "jax"], "invalid choice"),
     ],
 )
@@ -299,6 +298,34 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, tmp_path, capsys)
     assert status == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+ALLOWED_METHODS = "sgd, goyal, nesterov, adam, lars, clars, lamb, conadv"
+
+
+@pytest.mark.parametrize(
+    "methods, message",
+    [
+        ("sgd,rmsprop", f"--methods has an unknown name 'rmsprop'; allowed: {ALLOWED_METHODS} (comma-separated)"),
+        ("lars,rmsprop,adamw", f"--methods has unknown names 'rmsprop', 'adamw'; allowed: {ALLOWED_METHODS} "
+         "(comma-separated)"),
+        ("LARS", f"--methods has an unknown name 'LARS'; allowed: {ALLOWED_METHODS} (comma-separated)"),
+        (" , ", f"--methods must name at least one of {ALLOWED_METHODS} (comma-separated); got ' , '"),
+        ("sgd,sgd", "--methods must be a non-empty list without repeats, got ['sgd', 'sgd']"),
+    ],
+)
+def test_methods_errors_name_exactly_the_unknown_ones(methods, message, tmp_path, capsys):
+    from hvd_largebatch.cli import main
+
+    status = main(["bench", "--out", str(tmp_path / "out"), "--methods", methods])
+    assert (status, capsys.readouterr().err) == (2, f"hvd-largebatch bench: error: {message}\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_known_methods_parse_in_the_order_given():
+    from hvd_largebatch.bench.plan import parse_name_list
+
+    assert parse_name_list("lars, adam,,clars", "--methods", recipes.METHOD_NAMES) == ["lars", "adam", "clars"]
 
 
 # --------------------------------------------------------------------------------------------

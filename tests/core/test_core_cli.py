@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hvd_largebatch import cli, schedules
+from hvd_largebatch import cli, schedule_command, schedules
 
 REPO = Path(__file__).resolve().parents[2]
 GOYAL_ARGS = [
@@ -102,42 +103,165 @@ def test_every_decay_kind_from_the_command_line(capsys, extra, end_lr):
     assert table[-1]["step"] == 1000 and table[-1]["lr"] == pytest.approx(end_lr, abs=1e-15, rel=1e-12)
 
 
+E = "hvd-largebatch schedule: error: "
+SEE = " (see hvd-largebatch schedule --help)"
+SHORT = ["schedule", "--base-lr", "0.1", "--global-batch", "1024", "--dataset-size", "50000", "--epochs", "10"]
+MAIN_DECAYS = "--decay poly, cosine, linear"
+
+# One row per bad command line: the exact stderr line (exit code 2, nothing on stdout, nothing written).
 BAD_ARGS = [
-    (["schedule", "--global-batch", "8192", "--epochs", "90", "--dataset-size", "1281167"], "--base-lr"),
-    (GOYAL_ARGS[:2] + ["abc"] + GOYAL_ARGS[3:], "--base-lr"),
-    (["schedule", "--base-lr", "nan"] + GOYAL_ARGS[3:], "base_lr"),
-    (["schedule", "--base-lr", "-0.1"] + GOYAL_ARGS[3:], "base_lr"),
-    (GOYAL_ARGS[:-2], "--dataset-size"),
-    (GOYAL_ARGS + ["--steps-per-epoch", "10"], "--steps-per-epoch"),
-    ([*GOYAL_ARGS[:8], "4", *GOYAL_ARGS[9:]], "--warmup-epochs"),  # 5 warmup epochs > 4 epochs
-    (GOYAL_ARGS + ["--workers", "3"], "global_batch"),  # 8192 not divisible by 3
-    (["schedule", "--base-lr", "0.1", "--per-worker-batch", "64", "--epochs", "9", "--steps-per-epoch", "9"], "--workers"),
-    (GOYAL_ARGS[:-4] + ["--decay", "exponential", "--dataset-size", "1281167"], "--decay"),
-    (GOYAL_ARGS[:-4] + ["--decay", "cosine", "--milestones", "30", "--dataset-size", "1281167"], "--milestones"),
-    (GOYAL_ARGS + ["--milestones", "60", "30"], "milestones"),
-    (GOYAL_ARGS + ["--milestones", "95"], "milestones"),
-    (GOYAL_ARGS + ["--gamma", "0"], "gamma"),
-    (GOYAL_ARGS[:-1] + ["100"], "dataset_size"),
-    (GOYAL_ARGS + ["--warmup-start", "peak/world_size"], "world_size"),
-    (GOYAL_ARGS + ["--scaling", "cubic"], "--scaling"),
-    (GOYAL_ARGS + ["--plot", "/nonexistent-dir/sched.png"], "--plot"),
-    (GOYAL_ARGS + ["--plot", "sched.unknownformat"], "format"),
-    ([], "COMMAND"),
-    (["bench-does-not-exist"], "invalid choice"),
+    # argparse's own errors
+    (["schedule", "--global-batch", "8192", "--epochs", "90", "--dataset-size", "1281167"],
+     E + "the following arguments are required: --base-lr" + SEE),
+    (GOYAL_ARGS[:2] + ["abc"] + GOYAL_ARGS[3:], E + "argument --base-lr: invalid float value: 'abc'" + SEE),
+    (GOYAL_ARGS[:-2], E + "one of the arguments --dataset-size --steps-per-epoch is required" + SEE),
+    (GOYAL_ARGS + ["--steps-per-epoch", "10"],
+     E + "argument --steps-per-epoch: not allowed with argument --dataset-size" + SEE),
+    (GOYAL_ARGS[:-4] + ["--decay", "exponential", "--dataset-size", "1281167"],
+     E + "argument --decay: invalid choice: 'exponential' (choose from 'step', 'poly', 'cosine', 'linear', "
+     "'constant')" + SEE),
+    (GOYAL_ARGS + ["--scaling", "cubic"],
+     E + "argument --scaling: invalid choice: 'cubic' (choose from 'linear', 'sqrt', 'none')" + SEE),
+    ([], "hvd-largebatch: error: the following arguments are required: COMMAND (see hvd-largebatch --help)"),
+    (["bench-does-not-exist"], "hvd-largebatch: error: argument COMMAND: invalid choice: 'bench-does-not-exist' "
+     "(choose from 'schedule', 'bench', 'noise-scale') (see hvd-largebatch --help)"),
+    # the library's checks, in flag terms (never world_size, power, end_lr, global_batch)
+    (["schedule", "--base-lr", "nan"] + GOYAL_ARGS[3:], E + "--base-lr must be finite, got nan"),
+    (["schedule", "--base-lr", "-0.1"] + GOYAL_ARGS[3:], E + "--base-lr must be >= 0, got -0.1"),
+    (SHORT + ["--base-batch", "0"], E + "--base-batch must be an integer >= 1, got 0"),
+    (GOYAL_ARGS + ["--workers", "3"],
+     E + "--global-batch 8192 is not divisible by --workers 3 x --backward-passes-per-step 1; allowed: a multiple of 3"),
+    (SHORT + ["--workers", "2", "--backward-passes-per-step", "0"],
+     E + "--backward-passes-per-step must be an integer >= 1, got 0"),
+    (["schedule", "--base-lr", "0.1", "--per-worker-batch", "64", "--workers", "0", "--epochs", "9",
+      "--steps-per-epoch", "9"], E + "--workers must be an integer >= 1, got 0"),
+    (SHORT + ["--decay", "poly", "--power", "-1"], E + "--power must be > 0, got -1.0"),
+    (SHORT + ["--decay", "poly", "--end-lr", "100"],
+     E + "--end-lr must be <= peak for --decay poly, got --end-lr 100.0 > peak=0.4"),
+    (GOYAL_ARGS + ["--warmup-start", "peak/world_size"],
+     E + "--workers is required for --warmup-start peak/world_size, got None"),
+    (SHORT + ["--warmup-start", "half"],
+     E + "--warmup-start must be a number >= 0 or one of 'base_lr', 'peak/world_size'; got 'half'"),
+    (GOYAL_ARGS + ["--milestones", "60", "30"], E + "--milestones must be strictly increasing, got (60, 30)"),
+    (GOYAL_ARGS + ["--milestones", "95"],
+     E + "--milestones must lie after the warmup and within training, i.e. in (5, 90] (epochs); got 95"),
+    (GOYAL_ARGS + ["--gamma", "0"], E + "--gamma must be > 0, got 0.0"),
+    # the command's own checks
+    (GOYAL_ARGS[:-1] + ["100"], E + "--dataset-size 100 is smaller than the global batch 8192: an epoch would have "
+     "no step; allowed: --dataset-size >= global batch, or --keep-remainder"),
+    ([*GOYAL_ARGS[:8], "4", *GOYAL_ARGS[9:]],  # 5 warmup epochs given > 4 epochs
+     E + "--warmup-epochs 5 is longer than training (--epochs 4); allowed: 0 <= warmup epochs <= epochs"),
+    (["schedule", "--base-lr", "0.1", "--per-worker-batch", "64", "--epochs", "9", "--steps-per-epoch", "9"],
+     E + "--per-worker-batch needs --workers (global batch = per-worker batch x workers)"),
+    (SHORT[:-1] + ["0.001"], E + "--epochs 0.001 gives no optimizer step at 48 steps per epoch"),
+    (SHORT + ["--milestone-unit", "step"], E + "--milestones is required with --milestone-unit step"),
+    (SHORT + ["--warmup-epochs", "9.5"], E + "--milestones: the default ones (1/3, 2/3 and 8/9 of --epochs 10) all "
+     "lie within the warmup (--warmup-epochs 9.5); pass --milestones"),
+    (GOYAL_ARGS + ["--plot", "/nonexistent-dir/sched.png"], E + "--plot directory does not exist: /nonexistent-dir"),
+    (GOYAL_ARGS + ["--plot", "sched.unknownformat"], E + "--plot cannot write sched.unknownformat: Format "
+     "'unknownformat' is not supported (supported formats: avif, eps, gif, jpeg, jpg, pdf, pgf, png, ps, raw, rgba, "
+     "svg, svgz, tif, tiff, webp)"),
+    # a flag the chosen recipe does not read is refused, naming what ignores it
+    (GOYAL_ARGS[:-4] + ["--decay", "cosine", "--milestones", "30", "--dataset-size", "1281167"],
+     E + "--milestones is only used by --decay step; --decay cosine ignores it"),
+    (SHORT + ["--decay", "poly", "--milestone-unit", "epoch"],
+     E + "--milestone-unit is only used by --decay step; --decay poly ignores it"),
+    (SHORT + ["--decay", "cosine", "--gamma", "0.5"], E + "--gamma is only used by --decay step; --decay cosine ignores it"),
+    (SHORT + ["--decay", "cosine", "--power", "2"], E + "--power is only used by --decay poly; --decay cosine ignores it"),
+    (SHORT + ["--end-lr", "0.01"], E + f"--end-lr is only used by {MAIN_DECAYS}; --decay step ignores it"),
+    (SHORT + ["--decay", "constant", "--end-lr", "0"], E + f"--end-lr is only used by {MAIN_DECAYS}; --decay constant "
+     "ignores it"),
+    (SHORT + ["--warmup", "none", "--warmup-start", "0.1"],
+     E + "--warmup-start is only used by --warmup gradual, constant; --warmup none ignores it"),
+    (SHORT + ["--warmup", "none", "--warmup-epochs", "0"],
+     E + "--warmup-epochs is only used by --warmup gradual, constant; --warmup none ignores it"),
+    (SHORT[:-4] + ["--steps-per-epoch", "10", "--epochs", "10", "--keep-remainder"],
+     E + "--keep-remainder is only used with --dataset-size; --steps-per-epoch ignores it"),
+    (SHORT + ["--backward-passes-per-step", "2"], E + "--backward-passes-per-step is only used with --workers "
+     "(per-worker batch = global batch / (workers x passes)); without --workers it is ignored"),
 ]
 
 
-@pytest.mark.parametrize("argv, mentioned", BAD_ARGS, ids=[f"{i}-{m}" for i, (_, m) in enumerate(BAD_ARGS)])
-def test_bad_arguments_give_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, mentioned):
+@pytest.mark.parametrize("argv, message", BAD_ARGS, ids=[f"{i}" for i in range(len(BAD_ARGS))])
+def test_bad_arguments_give_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # nothing may be written outside tmp_path
     code, out, err = run_cli(capsys, argv)
-    assert code == 2
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("hvd-largebatch") and "error:" in lines[0]
-    assert mentioned in lines[0]
-    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+    assert (code, out, err) == (2, "", message + "\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "epochs, warmup_steps, milestones, last_lr",
+    [
+        # Short runs fail on none of Goyal's 90-epoch numbers: his 5 warmup epochs become 5/90 of the run,
+        # his milestones 30, 60, 80 of 90 the same fractions of --epochs.
+        (50, 133, [50 / 3, 100 / 3, 400 / 9], 0.4e-3),
+        (3, 8, [1, 2, 8 / 3], 0.4e-3),
+        (9, 24, [3, 6, 8], 0.4e-3),
+        (90, 240, [30, 60, 80], 0.4e-3),
+        (200, 240, [200 / 3, 400 / 3, 1600 / 9], 0.4e-3),  # longer runs keep 5 warmup epochs
+    ],
+)
+def test_defaults_follow_the_epochs_given(capsys, epochs, warmup_steps, milestones, last_lr):
+    code, out, err = run_cli(capsys, SHORT[:-1] + [str(epochs), "--json"])
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    assert data["schedule"]["milestones"] == pytest.approx(milestones, rel=1e-15)
+    assert data["summary"]["warmup_steps"] == warmup_steps
+    assert data["summary"]["total_steps"] == 48 * epochs
+    assert data["table"][-1]["lr"] == pytest.approx(last_lr)
+    assert set(data["summary"]["defaults"]) == {"warmup_epochs", "milestones"}
+
+
+def test_given_values_are_not_reported_as_defaults(capsys):
+    code, out, _ = run_cli(capsys, GOYAL_ARGS + ["--milestones", "30", "60", "80"])
+    assert code == 0 and "defaults used" not in out
+    code, out, _ = run_cli(capsys, SHORT)
+    assert code == 0
+    assert ("defaults used: --warmup-epochs: Goyal's 5, or 5/90 of a shorter run; --milestones: Goyal's epochs 30, "
+            "60, 80 of 90 scaled to --epochs") in out.splitlines()
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ("world_size must be an integer >= 1, got 0", "--workers must be an integer >= 1, got 0"),
+        ("warmup_start must be None when warmup='none', got 0.1", "--warmup-start must be None when --warmup none, got 0.1"),
+        ("milestones must lie after the warmup and within training", "--milestones must lie after the warmup and within training"),
+        ("milestones are only used by decay='step', got milestones=(30,) with decay='cosine'",
+         "--milestones are only used by --decay step, got --milestones (30,) with --decay cosine"),
+        ("steps_per_epoch is required for milestones in epochs (milestone_unit='epoch')",
+         "--steps-per-epoch is required for milestones in epochs (--milestone-unit epoch)"),
+        ("global_batch_size(...) and base_lr_x=1", "global_batch_size(...) and base_lr_x=1"),  # longer names kept
+    ],
+)
+def test_library_names_become_flags(message, expected):
+    assert cli.in_flag_terms(message, schedule_command.FLAG_NAMES) == expected
+
+
+def _options(command: str):
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [a for a in subparsers.choices[command]._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command", ["schedule", "bench"])
+def test_help_shows_every_default(capsys, command):
+    code, out, _ = run_cli(capsys, [command, "--help"])
+    assert code == 0
+    undocumented = [a.option_strings[0] for a in _options(command)
+                    if "default" not in (a.help or "") and not a.required and "required" not in (a.help or "")]
+    assert undocumented == []
+    assert len(_options(command)) >= 15
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    """``hvd-largebatch schedule ... | head`` when head has gone: exit 141 as a SIGPIPE'd tool, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "hvd_largebatch", *GOYAL_ARGS], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env(), cwd=tmp_path)
+    proc.stdout.close()  # the reader goes away before the command writes anything
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err.decode()) == (cli.BROKEN_PIPE_EXIT, "")
 
 
 def test_help_exits_zero(capsys):
@@ -160,4 +284,4 @@ def test_console_script_and_module_entry_points(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "hvd_largebatch", "schedule", "--base-lr", "nan", *GOYAL_ARGS[3:]],
                          capture_output=True, text=True, env=_env(), timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.strip().splitlines() == ["hvd-largebatch schedule: error: base_lr must be finite, got nan"]
+    assert bad.stderr.strip().splitlines() == ["hvd-largebatch schedule: error: --base-lr must be finite, got nan"]
