@@ -237,15 +237,19 @@ def print_table(framework: str, clock: str, results: dict[str, dict[str, float]]
 
 
 def main() -> None:
+    global BENCH_BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per setup (default 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per setup first (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--frameworks", default="torch,keras", help="comma-separated: torch, keras")
+    parser.add_argument("--bench-batch", type=int, default=BENCH_BATCH,
+                        help=f"batch of the bench CNN (default {BENCH_BATCH}; the bench study's cells use 64-4096)")
     args = parser.parse_args()
+    BENCH_BATCH = args.bench_batch
     frameworks = args.frameworks.split(",")
     print(f"CLARS exact vs LARS, one training step; {args.rounds} rounds after {args.warmup} warm-up, "
-          f"{args.threads} thread(s); load average {os.getloadavg()[0]:.1f}")
+          f"{args.threads} thread(s), bench CNN batch {BENCH_BATCH}; load average {os.getloadavg()[0]:.1f}")
     if "torch" in frameworks:
         import torch
 
