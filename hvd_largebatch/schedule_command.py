@@ -102,11 +102,19 @@ def register(subparsers: Any) -> None:
         ),
     )
     lr = parser.add_argument_group("learning rate and batch")
-    lr.add_argument("--base-lr", type=float, required=True, help="LR tuned at --base-batch, e.g. Goyal's 0.1 (required)")
+    lr.add_argument(
+        "--base-lr", type=float, required=True, help="LR tuned at --base-batch, e.g. Goyal's 0.1 (required)"
+    )
     lr.add_argument("--base-batch", type=int, default=256, help="reference batch of --base-lr (default: 256)")
     batch = lr.add_mutually_exclusive_group(required=True)
-    batch.add_argument("--global-batch", type=int, help="examples per update over all workers (required, or --per-worker-batch)")
-    batch.add_argument("--per-worker-batch", type=int, help="examples per worker per pass; needs --workers (required, or --global-batch)")
+    batch.add_argument(
+        "--global-batch", type=int, help="examples per update over all workers (required, or --per-worker-batch)"
+    )
+    batch.add_argument(
+        "--per-worker-batch",
+        type=int,
+        help="examples per worker per pass; needs --workers (required, or --global-batch)",
+    )
     lr.add_argument(
         "--workers",
         type=int,
@@ -125,8 +133,14 @@ def register(subparsers: Any) -> None:
     length = parser.add_argument_group("training length")
     length.add_argument("--epochs", type=float, required=True, help="training epochs (required)")
     per_epoch = length.add_mutually_exclusive_group(required=True)
-    per_epoch.add_argument("--dataset-size", type=int, help="training examples, steps per epoch = size / batch (required, or --steps-per-epoch)")
-    per_epoch.add_argument("--steps-per-epoch", type=int, help="optimizer updates per epoch (required, or --dataset-size)")
+    per_epoch.add_argument(
+        "--dataset-size",
+        type=int,
+        help="training examples, steps per epoch = size / batch (required, or --steps-per-epoch)",
+    )
+    per_epoch.add_argument(
+        "--steps-per-epoch", type=int, help="optimizer updates per epoch (required, or --dataset-size)"
+    )
     length.add_argument(
         "--keep-remainder",
         action="store_true",
@@ -237,7 +251,8 @@ def build_schedule(args: argparse.Namespace) -> tuple[schedules.Schedule, dict[s
         steps_per_epoch = args.steps_per_epoch
     else:
         size = args.dataset_size
-        if not args.keep_remainder and isinstance(size, int) and isinstance(global_batch, int) and 0 < size < global_batch:
+        whole = isinstance(size, int) and isinstance(global_batch, int)
+        if not args.keep_remainder and whole and 0 < size < global_batch:
             raise ValueError(
                 f"--dataset-size {size} is smaller than the global batch {global_batch}: an epoch would have no "
                 "step; allowed: --dataset-size >= global batch, or --keep-remainder"
