@@ -49,6 +49,7 @@ FLAG_NAMES = {
     "steps_per_epoch": "--steps-per-epoch",
     "epochs": "--epochs",
     "warmup_epochs": "--warmup-epochs",
+    "warmup_steps": "--warmup-epochs",  # the library's "warmup_steps=0" is "--warmup-epochs 0" here
     "warmup": "--warmup",
     "warmup_start": "--warmup-start",
     "decay": "--decay",

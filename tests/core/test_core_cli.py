@@ -146,6 +146,12 @@ BAD_ARGS = [
     (GOYAL_ARGS + ["--milestones", "95"],
      E + "--milestones must lie after the warmup and within training, i.e. in (5, 90] (epochs); got 95"),
     (GOYAL_ARGS + ["--gamma", "0"], E + "--gamma must be > 0, got 0.0"),
+    (SHORT[:4] + ["128"] + SHORT[5:], E + "--global-batch 128 is below --base-batch 256, so the scaled peak LR 0.05 is "
+     "below the warmup start 0.1 and the warmup would lower the LR (a warm-down); allowed: --global-batch >= "
+     "--base-batch, or no warmup (--warmup-epochs 0; --warmup-epochs 0 in goyal and lars_poly) to train at the "
+     "scaled-down LR, or a --warmup-start <= the peak"),
+    (SHORT + ["--warmup-start", "1"], E + "--warmup-start 1.0 is above peak=0.4: the warmup would lower the LR (a "
+     "warm-down); allowed: 0 <= --warmup-start <= peak, or --warmup-epochs 0 (no warmup)"),
     # the command's own checks
     (GOYAL_ARGS[:-1] + ["100"], E + "--dataset-size 100 is smaller than the global batch 8192: an epoch would have "
      "no step; allowed: --dataset-size >= global batch, or --keep-remainder"),
