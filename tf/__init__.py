@@ -27,8 +27,9 @@ Example (run with ``horovodrun -np 2 -H localhost:2 python train.py``)::
     hvd.init()
     opt = DistributedOptimizer(LARS(learning_rate=0.1, momentum=0.9, weight_decay=5e-4))
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    sched = schedules.goyal(0.1, 256, per_worker_batch * hvd.size(), steps_per_epoch)
-    model.fit(x_shard, y_shard, batch_size=per_worker_batch, epochs=90,
+    epochs = 10
+    sched = schedules.goyal(0.1, 256, per_worker_batch * hvd.size(), steps_per_epoch, epochs=epochs)
+    model.fit(x_shard, y_shard, batch_size=per_worker_batch, epochs=epochs,
               callbacks=[callbacks.BroadcastGlobalVariablesCallback(0),
                          callbacks.MetricAverageCallback(),
                          callbacks.GradualWarmupCallback(sched)],

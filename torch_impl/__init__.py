@@ -23,12 +23,14 @@ Example (launched with ``horovodrun -np 2 -H localhost:2 python train.py``)::
     from hvd_largebatch import schedules
     from hvd_largebatch.torch_impl import LARS, GradualWarmupScheduler, DistributedOptimizer, broadcast_state
     hvd.init()
+    epochs = 10
     opt = LARS(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     opt = DistributedOptimizer(opt, named_parameters=model.named_parameters())
-    sched = GradualWarmupScheduler(opt, schedules.goyal(0.1, 256, batch * hvd.size(), steps_per_epoch))
+    sched = GradualWarmupScheduler(opt, schedules.goyal(0.1, 256, batch * hvd.size(), steps_per_epoch, epochs=epochs))
     broadcast_state(model, opt, root_rank=0)
-    for x, y in loader:
-        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
+    for epoch in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
 """
 
 from hvd_largebatch.torch_impl.batchnorm_statistics import average_batchnorm_statistics
