@@ -42,7 +42,7 @@ from hvd_largebatch.tf import callbacks
 from hvd_largebatch.tf.batchnorm_statistics import (
     AverageBatchNormStatistics,
     average_batchnorm_statistics,
-    batchnorm_statistics,
+    batchnorm_moving_statistics,
 )
 from hvd_largebatch.tf.clars_model import CLARSModel
 from hvd_largebatch.tf.conadv import ConAdv
@@ -76,7 +76,7 @@ __all__ = [
     "convert_to_dual_bn",
     "convert_from_dual_bn",
     "auxiliary_bn",
-    "batchnorm_statistics",
+    "batchnorm_moving_statistics",
     "average_batchnorm_statistics",
     "AverageBatchNormStatistics",
 ]

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from hvd_largebatch.tf import horovod_backend
 
-__all__ = ["batchnorm_statistics", "average_batchnorm_statistics", "AverageBatchNormStatistics"]
+__all__ = ["batchnorm_moving_statistics", "average_batchnorm_statistics", "AverageBatchNormStatistics"]
 
 
 def _check_model(model: Any) -> None:
@@ -49,8 +49,11 @@ def _batchnorm_layers(model: keras.layers.Layer) -> list[keras.layers.BatchNorma
     ]
 
 
-def batchnorm_statistics(model: keras.layers.Layer) -> list[keras.Variable]:
-    """The ``moving_mean`` and ``moving_variance`` of every BatchNormalization in ``model``, in layer order.
+def batchnorm_moving_statistics(model: keras.layers.Layer) -> list[keras.Variable]:
+    """The ``moving_mean`` and ``moving_variance`` of every BatchNormalization in ``model``, nested ones included.
+
+    The order is fixed by the model's structure (Keras's walk over its
+    layers), so it is the same on every rank.
 
     Args:
         model: a built ``keras.Model`` or layer.
@@ -60,10 +63,10 @@ def batchnorm_statistics(model: keras.layers.Layer) -> list[keras.Variable]:
 
     Example:
         >>> import keras
-        >>> from hvd_largebatch.tf import batchnorm_statistics
+        >>> from hvd_largebatch.tf import batchnorm_moving_statistics
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn")],
         ...                          name="net")
-        >>> [v.path for v in batchnorm_statistics(model)]
+        >>> [v.path for v in batchnorm_moving_statistics(model)]
         ['net/bn/moving_mean', 'net/bn/moving_variance']
     """
     _check_model(model)
@@ -95,7 +98,7 @@ def average_batchnorm_statistics(model: keras.layers.Layer) -> int:
     """
     _check_model(model)
     hvd = horovod_backend.initialized_horovod()
-    statistics = batchnorm_statistics(model)
+    statistics = batchnorm_moving_statistics(model)
     layout = [len(statistics), sum(int(np.prod(v.shape)) for v in statistics)]
     layouts = hvd.allgather(
         tf.constant([layout], dtype=tf.int64), name="hvd_largebatch_batchnorm_statistics_layout"
