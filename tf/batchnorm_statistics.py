@@ -89,7 +89,8 @@ def average_batchnorm_statistics(model: keras.layers.Layer) -> int:
         model: a built ``keras.Model`` or layer, the same on every rank.
 
     Returns:
-        The number of variables averaged (two per BatchNormalization layer).
+        The number of BatchNormalization layers averaged (as the PyTorch twin,
+        ``hvd_largebatch.torch_impl.average_batchnorm_statistics``).
 
     Raises:
         ValueError: ``model`` is not a Keras model or layer, or the ranks'
@@ -108,15 +109,16 @@ def average_batchnorm_statistics(model: keras.layers.Layer) -> int:
             "model must hold the same BatchNorm statistics on every rank; (variables, values) per rank: "
             f"{[tuple(row) for row in layouts]}"
         )
+    layers = len(statistics) // 2
     if not statistics or hvd.size() == 1:
-        return len(statistics)
+        return layers
     averaged = hvd.grouped_allreduce(
         [tf.convert_to_tensor(v.value) for v in statistics], op=hvd.Average,
         name="hvd_largebatch_batchnorm_statistics",
     )
     for variable, value in zip(statistics, averaged):
         variable.assign(value)
-    return len(statistics)
+    return layers
 
 
 class AverageBatchNormStatistics(keras.callbacks.Callback):

@@ -389,13 +389,13 @@ class SkippedStepsLogger(keras.callbacks.Callback):
     ``"skipped_steps"`` into every batch's and epoch's logs, where
     ``History``, ``CSVLogger`` and ``TensorBoard`` (``epoch_skipped_steps``,
     and ``batch_skipped_steps`` with ``update_freq="batch"``) find it: put it
-    before those callbacks. On rank 0 it warns when the count has grown, at
-    most once every ``warn_every`` optimizer updates (the first skip always
-    warns). Every rank holds the same count (the skip decision is taken on
+    before those callbacks. On rank 0 it warns (``RuntimeWarning``) at the
+    first skip and then at every ``warn_every``-th, as the PyTorch optimizers
+    do. Every rank holds the same count (the skip decision is taken on
     gradients averaged over the ranks).
 
     Args:
-        warn_every: at most one warning per this many optimizer updates (>= 1).
+        warn_every: warn at the first skip and then every this-many-th (>= 1).
 
     Raises:
         ValueError: a bad ``warn_every``; at ``fit`` start, an optimizer that
@@ -412,9 +412,7 @@ class SkippedStepsLogger(keras.callbacks.Callback):
         super().__init__()
         self.warn_every = config.check_positive_int("warn_every", warn_every)
         self.skipped_steps = 0
-        self._counter: Any = None
-        self._warned_count = 0
-        self._warned_step: int | None = None
+        self._optimizer: Any = None
 
     def on_train_begin(self, logs=None):
         optimizer = self.model.optimizer
@@ -426,28 +424,24 @@ class SkippedStepsLogger(keras.callbacks.Callback):
             )
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
-        self._counter = inner.skipped_steps
-        self._warned_count = self.skipped_steps = int(keras.ops.convert_to_numpy(self._counter))
+        self._optimizer = inner
+        self.skipped_steps = int(keras.ops.convert_to_numpy(inner.skipped_steps))
 
-    def _update(self, logs) -> None:
-        self.skipped_steps = int(keras.ops.convert_to_numpy(self._counter))
+    def _update(self, logs) -> tuple[int, int]:
+        before = self.skipped_steps
+        self.skipped_steps = int(keras.ops.convert_to_numpy(self._optimizer.skipped_steps))
         if logs is not None:
             logs[SKIPPED_STEPS_KEY] = self.skipped_steps
+        return before, self.skipped_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        self._update(logs)
-        if self.skipped_steps <= self._warned_count:
-            return
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if self._warned_step is not None and step - self._warned_step < self.warn_every:
-            return
-        new = self.skipped_steps - self._warned_count
-        self._warned_count, self._warned_step = self.skipped_steps, step
-        if _is_rank_zero():
+        before, count = self._update(logs)
+        crossed = (before < 1 <= count) or count // self.warn_every > before // self.warn_every
+        if count > before and crossed and _is_rank_zero():
             warnings.warn(
-                f"{new} optimizer step(s) skipped for non-finite gradients (NaN or Inf) up to update {step}, "
-                f"{self.skipped_steps} in total: no weight or slot changed in those steps "
-                "(check the data, the loss and the LR; nonfinite='raise' stops at the first one)",
+                f"{type(self._optimizer).__name__}: skipped an update because a gradient holds NaN or Inf (weights "
+                f"and optimizer state untouched); {count} update(s) skipped so far (skipped_steps in the logs). "
+                f"Warned at the first skip and every {self.warn_every}th; pass nonfinite='raise' to stop instead",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -285,7 +285,7 @@ def batchnorm_average_check() -> dict:
     m.fit(xs, ys, batch_size=LOCAL_BATCH, epochs=1, shuffle=False, verbose=0, validation_data=(xs[:16], ys[:16]),
           callbacks=[average, at_validation])
     return {
-        "variables": count,
+        "layers": count,
         "local": local,
         "averaged": averaged,
         "checksum_at_validation": at_validation.checksums,

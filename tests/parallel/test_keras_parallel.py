@@ -95,7 +95,7 @@ def test_broadcast_sends_rank_0_weights_statistics_and_optimizer_state(results):
 
 def test_batchnorm_statistics_are_averaged_over_the_ranks(results):
     per_rank = [r["batchnorm_average"] for r in results]
-    assert [r["variables"] for r in per_rank] == [2] * len(results)  # moving_mean and moving_variance of one layer
+    assert [r["layers"] for r in per_rank] == [1] * len(results)  # one BatchNormalization: moving_mean and variance
     local = np.array([r["local"] for r in per_rank])
     assert np.max(np.abs(local[1] - local[0])) > 0, local  # the ranks' own statistics differ after training
     mean = local.mean(axis=0)

@@ -45,7 +45,7 @@ def test_learning_rate_and_skipped_steps_reach_the_event_files(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 4)), rng.normal(size=(32, 2))
     y[9, 1] = np.inf  # batch 1 of every epoch (batch size 8, no shuffle): a skipped step
-    with pytest.warns(RuntimeWarning, match="skipped for non-finite gradients"):
+    with pytest.warns(RuntimeWarning, match="skipped an update because a gradient holds NaN or Inf"):
         model.fit(
             x, y, batch_size=8, epochs=EPOCHS, shuffle=False, verbose=0,
             callbacks=[
