@@ -67,9 +67,10 @@ BAD_INPUTS = [
     (
         "lars-duplicate-variable",
         lambda: LARS().build([KERNEL, keras.Variable([0.0], name="bias"), KERNEL]),
-        r"^var_list holds the same tensor more than once: kernel; pass each tensor once$",
+        r"^var_list: the same tensor is passed twice, as 'kernel' at var_list\[0\] and as var_list\[2\]; pass each "
+        r"tensor once \(a repeated tensor would be updated once per occurrence in every step\)$",
     ),
-    ("lamb-duplicate-variable", lambda: LAMB().build([KERNEL, KERNEL]), r"var_list holds the same tensor more than once: kernel"),
+    ("lamb-duplicate-variable", lambda: LAMB().build([KERNEL, KERNEL]), r"^var_list: the same tensor is passed twice, as 'kernel' at var_list\[0\] and as var_list\[1\]"),
     ("sgd-momentum-negative", lambda: SGD(momentum=-0.1), r"momentum must be in \[0, 1\)"),
     ("sgd-correction-not-bool", lambda: SGD(momentum_correction=None), r"momentum_correction must be True or False"),
     ("clars-estimator", lambda: CLARS(estimator="microbatch:0"), r"estimator must be 'exact' or 'microbatch:k'"),
