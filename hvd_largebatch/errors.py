@@ -59,7 +59,7 @@ def plain_batchnorm_with_dual_bn(package: str, layer_names: list[str]) -> ValueE
     )
 
 
-def duplicate_tensor(first: str, second: str) -> ValueError:
+def duplicate_tensor(first: str, second: str, argument: str = "params") -> ValueError:
     """The error of an optimizer given the same tensor twice (within a param group or across groups).
 
     A repeated tensor would be updated once per occurrence in every step (and,
@@ -68,14 +68,17 @@ def duplicate_tensor(first: str, second: str) -> ValueError:
     Args:
         first, second: the two places the tensor was found, e.g. its name and
             position ``'0.weight' at param_groups[0][0]``.
+        argument: the argument that held the tensors: ``"params"`` (torch,
+            the default) or ``"var_list"`` (Keras, which has no param groups).
 
     Example:
         >>> print(duplicate_tensor("'0.weight' at param_groups[0][0]", "param_groups[1][0]"))
         params: the same tensor is passed twice, as '0.weight' at param_groups[0][0] and as param_groups[1][0]; pass each tensor once, in one param group (a repeated tensor would be updated once per occurrence in every step)
     """
+    groups = ", in one param group" if argument == "params" else ""
     return ValueError(
-        f"params: the same tensor is passed twice, as {first} and as {second}; pass each tensor once, in one "
-        "param group (a repeated tensor would be updated once per occurrence in every step)"
+        f"{argument}: the same tensor is passed twice, as {first} and as {second}; pass each tensor once{groups} "
+        "(a repeated tensor would be updated once per occurrence in every step)"
     )
 
 

@@ -17,7 +17,10 @@ ConAdv (Liu, You et al. 2022): :class:`ConAdv`, a model wrapper whose
 ``train_step`` trains on clean plus adversarial examples from stale weights,
 and :func:`convert_to_dual_bn` for the auxiliary BatchNorm. Horovod elastic
 training under ``model.fit``: :mod:`hvd_largebatch.tf.elastic` (imported on
-request, it needs ``horovod.tensorflow``).
+request, it needs ``horovod.tensorflow``). BatchNorm moving statistics
+averaged over the ranks: :func:`average_batchnorm_statistics` and the
+callback :class:`AverageBatchNormStatistics`. Importing this package also
+registers the optimizer names with Keras (``model.compile(optimizer="lars")``).
 
 Example (run with ``horovodrun -np 2 -H localhost:2 python train.py``)::
 
@@ -37,6 +40,11 @@ Example (run with ``horovodrun -np 2 -H localhost:2 python train.py``)::
 """
 
 from hvd_largebatch.tf import callbacks
+from hvd_largebatch.tf.batchnorm_statistics import (
+    AverageBatchNormStatistics,
+    average_batchnorm_statistics,
+    batchnorm_moving_statistics,
+)
 from hvd_largebatch.tf.clars_model import CLARSModel
 from hvd_largebatch.tf.conadv import ConAdv
 from hvd_largebatch.tf.distributed import DistributedOptimizer
@@ -69,4 +77,7 @@ __all__ = [
     "convert_to_dual_bn",
     "convert_from_dual_bn",
     "auxiliary_bn",
+    "batchnorm_moving_statistics",
+    "average_batchnorm_statistics",
+    "AverageBatchNormStatistics",
 ]

@@ -9,6 +9,18 @@ Replaces ``horovod.tensorflow.keras.callbacks``, which uses ``optimizer.lr``
 * :class:`LearningRateScheduleCallback`: sets the LR before every batch from
   a core :class:`hvd_largebatch.schedules.Schedule`, with momentum correction.
 * :class:`GradualWarmupCallback`: the same for Goyal's gradual-warmup recipes.
+* :class:`SkippedStepsLogger`: the optimizer's count of steps skipped for
+  non-finite gradients, in the batch and epoch logs (``"skipped_steps"``),
+  with a warning on rank 0 when it grows.
+* :class:`~hvd_largebatch.tf.batchnorm_statistics.AverageBatchNormStatistics`
+  (in :mod:`hvd_largebatch.tf.batchnorm_statistics`): BatchNorm moving
+  statistics averaged over ranks after each epoch's last batch.
+
+LR ownership: the LR callbacks own the optimizer's LR but compose with
+anything else that changes it between batches (``ReduceLROnPlateau``, a user's
+``optimizer.learning_rate = ...``): such a change becomes a factor,
+``lr_multiplier``, on the schedule from then on (see
+:class:`LearningRateScheduleCallback`).
 
 Order matters as in Horovod: put :class:`MetricAverageCallback` and the LR
 callbacks before callbacks that read the logs (``TensorBoard``,
@@ -18,6 +30,7 @@ bar after all of yours.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,12 +48,27 @@ __all__ = [
     "MetricAverageCallback",
     "LearningRateScheduleCallback",
     "GradualWarmupCallback",
+    "SkippedStepsLogger",
     "ScheduleAdapter",
     "LOG_KEY",
+    "SKIPPED_STEPS_KEY",
 ]
 
 #: The key under which the LR callbacks put the current LR in the batch and epoch logs.
 LOG_KEY = "learning_rate"
+#: The key under which :class:`SkippedStepsLogger` puts the skipped-step count in the batch and epoch logs.
+SKIPPED_STEPS_KEY = "skipped_steps"
+
+
+def _is_rank_zero() -> bool:
+    """True on Horovod's rank 0, and in a process where Horovod is not running."""
+    if not horovod_backend.horovod_is_running():
+        return True
+    return horovod_backend.initialized_horovod().rank() == 0
+
+
+def _read_lr(optimizer: Any) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
 def _check_root_rank(root_rank: Any) -> int:
@@ -126,7 +154,7 @@ def _velocity_slots(optimizer: Any) -> list[Any] | None:
 
 
 class LearningRateScheduleCallback(keras.callbacks.Callback):
-    """Sets the LR before every batch to ``schedule(optimizer.iterations)``.
+    """Sets the LR before every batch to ``lr_multiplier * schedule(optimizer.iterations)``.
 
     The step is the optimizer's update count, so the LR follows the schedule
     through resumed runs and through ``backward_passes_per_step`` (one update
@@ -134,18 +162,38 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
     ``"learning_rate"``, where ``History``, ``CSVLogger`` and ``TensorBoard``
     find it.
 
+    LR ownership: the callback remembers the LR it set. When the optimizer's
+    LR differs from it at the next batch (``ReduceLROnPlateau`` reduced it at
+    the end of an epoch, or the user assigned ``optimizer.learning_rate``),
+    the change is kept as a factor on the schedule::
+
+        lr_multiplier <- lr_multiplier * lr_found / lr_set
+        lr(t)          = lr_multiplier * schedule(t)
+
+    so ``ReduceLROnPlateau(factor=0.5)`` halves the LR for the rest of the
+    schedule (warmup and decay keep their shape). The multiplier lives in the
+    callback: a run resumed from a checkpoint with a new callback passes the
+    saved factor as ``lr_multiplier``. A change made while the schedule's LR
+    was 0 cannot be expressed as a factor: it is overridden, with a warning.
+    Training past ``schedule.total_steps`` keeps the schedule's final LR and
+    warns once (on rank 0): ``total_steps`` counts optimizer updates, so an
+    epoch with more batches than ``steps_per_epoch`` runs off the end.
+
     Momentum correction (Goyal et al. 2017, section 2.2): when the LR changes
     from ``gamma_prev`` to ``gamma_t``, a velocity that holds the LR is
     rescaled by ``gamma_t / gamma_prev``. The package's SGD, LARS and CLARS do
     this themselves from their recorded previous LR (their own
     ``momentum_correction`` decides, and must agree with this callback's);
     for ``keras.optimizers.SGD`` with momentum this callback rescales its
-    momentum slots; other optimizers (Adam, LAMB, ...) have no such velocity.
+    momentum slots, from the LR it last set; other optimizers (Adam, LAMB, ...)
+    have no such velocity.
 
     Args:
         schedule: a core :class:`~hvd_largebatch.schedules.Schedule`.
         momentum_correction: apply momentum correction (see above).
-        verbose: 0 silent; 1 prints the LR at each epoch start.
+        verbose: 0 silent; 1 prints the LR at each epoch start, and the new
+            ``lr_multiplier`` when a change from elsewhere is composed.
+        lr_multiplier: the initial factor on the schedule (> 0, default 1).
 
     Raises:
         ValueError: naming the argument for bad input; at ``fit`` start, when
@@ -154,18 +202,30 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
             or when a package optimizer's ``momentum_correction`` disagrees.
     """
 
-    def __init__(self, schedule: schedules.Schedule, momentum_correction: bool = True, verbose: int = 0):
+    def __init__(
+        self,
+        schedule: schedules.Schedule,
+        momentum_correction: bool = True,
+        verbose: int = 0,
+        lr_multiplier: float = 1.0,
+    ):
         super().__init__()
         if not isinstance(schedule, schedules.Schedule):
             raise ValueError(f"schedule must be an hvd_largebatch.schedules.Schedule, got {schedule!r}")
         self.schedule = schedule
         self.momentum_correction = config.check_bool("momentum_correction", momentum_correction)
         self.verbose = config.check_choice("verbose", verbose, (0, 1, 2))
+        self.lr_multiplier = config.check_positive("lr_multiplier", lr_multiplier)
         self.current_lr: float | None = None
         self._slots: list[Any] | None = None
+        self._driven_optimizer: Any = None  # the optimizer whose LR was last set
+        self._lr_set: float | None = None  # the LR read back right after the last set
+        self._warned_past_end = False
 
     def on_train_begin(self, logs=None):
         optimizer = self.model.optimizer
+        if optimizer is not self._driven_optimizer:  # a new optimizer: nothing it holds was set by us
+            self._driven_optimizer, self._lr_set = optimizer, None
         if not optimizer.built:  # Keras builds optimizers lazily; the slots must exist to be corrected
             optimizer.build(self.model.trainable_variables)
         inner = innermost_optimizer(optimizer)
@@ -190,17 +250,55 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
         else:
             self._slots = _velocity_slots(inner) if self.momentum_correction else None
 
+    def _compose_outside_change(self, found_lr: float) -> None:
+        """Turns a change of the LR made since the last batch into a factor on the schedule."""
+        if self._lr_set is None or found_lr == self._lr_set:
+            return
+        if self._lr_set > 0.0:
+            self.lr_multiplier *= found_lr / self._lr_set
+            if self.verbose:
+                print(
+                    f"{type(self).__name__}: the learning rate was changed from {self._lr_set:.6g} to "
+                    f"{found_lr:.6g} since the last batch; lr_multiplier = {self.lr_multiplier:.6g}"
+                )
+        elif _is_rank_zero():
+            warnings.warn(
+                f"{type(self).__name__}: the learning rate was changed to {found_lr:.6g} while the schedule's "
+                "was 0; a change from 0 is no factor on the schedule, so the schedule's value is set again",
+                stacklevel=2,
+            )
+
+    def _warn_past_end(self, step: int) -> None:
+        if self._warned_past_end or step < self.schedule.total_steps:
+            return
+        self._warned_past_end = True
+        if _is_rank_zero():
+            warnings.warn(
+                f"{type(self).__name__}: optimizer step {step} is past the schedule's total_steps="
+                f"{self.schedule.total_steps}; the LR stays at the schedule's final value "
+                f"{self.schedule(self.schedule.total_steps):.6g} (times lr_multiplier). total_steps counts optimizer "
+                "updates: check the schedule's steps_per_epoch and epochs against the batches per epoch",
+                stacklevel=2,
+            )
+
     def on_train_batch_begin(self, batch, logs=None):
         optimizer = self.model.optimizer
-        new_lr = float(self.schedule(int(keras.ops.convert_to_numpy(optimizer.iterations))))
+        step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        found_lr = _read_lr(optimizer)
+        self._compose_outside_change(found_lr)
+        self._warn_past_end(step)
+        new_lr = self.lr_multiplier * float(self.schedule(step))
         if self._slots is not None:
-            prev_lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            # The velocity holds the LR of the last step: the one this callback set, if it set one.
+            prev_lr = self._lr_set if self._lr_set is not None else found_lr
             factor = schedules.momentum_correction(prev_lr, new_lr)
             if factor != 1.0:
                 for slot in self._slots:
                     if slot is not None:
                         slot.assign(slot * factor)
         optimizer.learning_rate = new_lr
+        self._driven_optimizer = optimizer
+        self._lr_set = _read_lr(optimizer)
         self.current_lr = new_lr
 
     def on_train_batch_end(self, batch, logs=None):
@@ -210,7 +308,8 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.verbose:
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            print(f"Epoch {epoch + 1}: {type(self).__name__} learning rate = {self.schedule(step):.6g} (step {step})")
+            lr = self.lr_multiplier * self.schedule(step)
+            print(f"Epoch {epoch + 1}: {type(self).__name__} learning rate = {lr:.6g} (step {step})")
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.current_lr is not None:
@@ -234,6 +333,9 @@ class GradualWarmupCallback(LearningRateScheduleCallback):
             arguments (``base_lr``, ``total_steps``, ``warmup_steps``, ...).
         momentum_correction: as :class:`LearningRateScheduleCallback`.
         verbose: 0 silent; 1 prints the LR at each epoch start and when the warmup ends.
+        lr_multiplier: as :class:`LearningRateScheduleCallback` (a factor on
+            the schedule, which ``ReduceLROnPlateau`` and other changes of the
+            LR made between batches update).
 
     Example:
         >>> from hvd_largebatch import schedules
@@ -250,6 +352,7 @@ class GradualWarmupCallback(LearningRateScheduleCallback):
         schedule_or_args: schedules.Schedule | Mapping[str, Any],
         momentum_correction: bool = True,
         verbose: int = 0,
+        lr_multiplier: float = 1.0,
     ):
         if isinstance(schedule_or_args, Mapping):
             schedule = schedules.make_schedule(**schedule_or_args)
@@ -266,7 +369,7 @@ class GradualWarmupCallback(LearningRateScheduleCallback):
                 f"warmup={schedule.warmup!r}, warmup_steps={schedule.warmup_steps}; "
                 "use LearningRateScheduleCallback for other schedules"
             )
-        super().__init__(schedule, momentum_correction=momentum_correction, verbose=verbose)
+        super().__init__(schedule, momentum_correction=momentum_correction, verbose=verbose, lr_multiplier=lr_multiplier)
 
     def on_train_batch_begin(self, batch, logs=None):
         super().on_train_batch_begin(batch, logs)
@@ -274,3 +377,74 @@ class GradualWarmupCallback(LearningRateScheduleCallback):
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
             if step == self.schedule.warmup_steps:
                 print(f"GradualWarmupCallback: warmup done at step {step}, learning rate = {self.current_lr:.6g}")
+
+
+class SkippedStepsLogger(keras.callbacks.Callback):
+    """Puts the optimizer's count of skipped non-finite steps into the logs, and warns on rank 0 when it grows.
+
+    The package's optimizers skip a step whose (averaged) gradients hold NaN
+    or Inf (``nonfinite="skip"``): no weight or slot changes, and the
+    optimizer's ``skipped_steps`` variable counts it. This callback writes that
+    count, cumulative since the optimizer was created, under
+    ``"skipped_steps"`` into every batch's and epoch's logs, where
+    ``History``, ``CSVLogger`` and ``TensorBoard`` (``epoch_skipped_steps``,
+    and ``batch_skipped_steps`` with ``update_freq="batch"``) find it: put it
+    before those callbacks. On rank 0 it warns (``RuntimeWarning``) at the
+    first skip and then at every ``warn_every``-th, as the PyTorch optimizers
+    do. Every rank holds the same count (the skip decision is taken on
+    gradients averaged over the ranks).
+
+    Args:
+        warn_every: warn at the first skip and then every this-many-th (>= 1).
+
+    Raises:
+        ValueError: a bad ``warn_every``; at ``fit`` start, an optimizer that
+            is not one of the package's (``SGD``, ``LARS``, ``CLARS``,
+            ``LAMB``, possibly inside ``DistributedOptimizer``).
+
+    Example:
+        >>> from hvd_largebatch.tf.callbacks import SkippedStepsLogger
+        >>> SkippedStepsLogger(warn_every=500).warn_every
+        500
+    """
+
+    def __init__(self, warn_every: int = 100):
+        super().__init__()
+        self.warn_every = config.check_positive_int("warn_every", warn_every)
+        self.skipped_steps = 0
+        self._optimizer: Any = None
+
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        inner = innermost_optimizer(optimizer)
+        if not isinstance(inner, LargeBatchOptimizer):
+            raise ValueError(
+                "SkippedStepsLogger reads the skipped_steps counter of the package's optimizers (SGD, LARS, CLARS, "
+                f"LAMB, possibly inside DistributedOptimizer); the model's optimizer is {type(inner).__name__}"
+            )
+        if not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self._optimizer = inner
+        self.skipped_steps = int(keras.ops.convert_to_numpy(inner.skipped_steps))
+
+    def _update(self, logs) -> tuple[int, int]:
+        before = self.skipped_steps
+        self.skipped_steps = int(keras.ops.convert_to_numpy(self._optimizer.skipped_steps))
+        if logs is not None:
+            logs[SKIPPED_STEPS_KEY] = self.skipped_steps
+        return before, self.skipped_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        before, count = self._update(logs)
+        crossed = (before < 1 <= count) or count // self.warn_every > before // self.warn_every
+        if count > before and crossed and _is_rank_zero():
+            warnings.warn(
+                f"{type(self._optimizer).__name__}: skipped an update because a gradient holds NaN or Inf (weights "
+                f"and optimizer state untouched); {count} update(s) skipped so far (skipped_steps in the logs). "
+                f"Warned at the first skip and every {self.warn_every}th; pass nonfinite='raise' to stop instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._update(logs)

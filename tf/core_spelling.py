@@ -13,7 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["KERAS_TO_CORE_NAMES", "CORE_TO_KERAS_NAMES", "to_core", "to_keras", "error_in_keras_spelling"]
+__all__ = [
+    "KERAS_TO_CORE_NAMES",
+    "CORE_TO_KERAS_NAMES",
+    "to_core",
+    "to_keras",
+    "error_in_keras_spelling",
+    "refuse_other_spellings",
+]
 
 #: Keras argument names and the names of the same fields in hvd_largebatch.config.
 KERAS_TO_CORE_NAMES = {"learning_rate": "lr", "epsilon": "eps", "beta_1": "beta1", "beta_2": "beta2"}
@@ -48,3 +55,37 @@ def error_in_keras_spelling(error: ValueError) -> ValueError:
         if message.startswith(core + " "):
             return ValueError(keras_name + message[len(core):])
     return ValueError(message)
+
+
+def refuse_other_spellings(owner: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuses core or PyTorch spellings given to a Keras optimizer, naming the Keras argument to use.
+
+    Keras's own message for ``LARS(lr=0.1)`` is "Argument(s) not recognized",
+    which does not say that ``learning_rate`` is meant. This names every such
+    argument with its value and the Keras spelling, including torch's pair
+    ``betas=(b1, b2)`` (``beta_1``, ``beta_2``).
+
+    Args:
+        owner: the optimizer class name, for the message.
+        kwargs: the keyword arguments the optimizer did not take itself.
+
+    Raises:
+        ValueError: when ``kwargs`` holds ``lr``, ``eps``, ``beta1``, ``beta2`` or ``betas``.
+
+    Example:
+        >>> refuse_other_spellings("LARS", {"lr": 0.1})
+        Traceback (most recent call last):
+        ...
+        ValueError: LARS got lr=0.1: Keras optimizers take learning_rate=0.1 instead
+    """
+    given, wanted = [], []
+    for name, value in kwargs.items():
+        if name in CORE_TO_KERAS_NAMES:
+            given.append(f"{name}={value!r}")
+            wanted.append(f"{CORE_TO_KERAS_NAMES[name]}={value!r}")
+        elif name == "betas":
+            given.append(f"betas={value!r}")
+            pair = isinstance(value, (tuple, list)) and len(value) == 2
+            wanted.append(f"beta_1={value[0]!r}, beta_2={value[1]!r}" if pair else "beta_1=..., beta_2=...")
+    if given:
+        raise ValueError(f"{owner} got {', '.join(given)}: Keras optimizers take {', '.join(wanted)} instead")

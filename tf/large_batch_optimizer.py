@@ -16,6 +16,8 @@ It holds what every rule shares and leaves the arithmetic to
   or Inf changes no weight and no slot and is counted in ``skipped_steps``.
   Under ``DistributedOptimizer`` the gradients are averaged before the
   optimizer sees them, so every rank takes the same decision;
+* each variable once: ``build`` refuses a list holding a variable twice
+  (its update would be applied twice) with a ``ValueError`` naming its path;
 * float32 or float64 variables only: ``build`` refuses float16/bfloat16
   variables (the pure half policies) with a ``ValueError`` naming the
   ``mixed_float16``/``mixed_bfloat16`` policies, which keep variables, slots
@@ -42,7 +44,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from hvd_largebatch import config
+from hvd_largebatch import config, errors
 from hvd_largebatch.tf import core_spelling, fused_kernels, update_rules
 from hvd_largebatch.tf.mixed_precision import check_variable_dtypes
 
@@ -101,6 +103,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         name: str | None = None,
         **kwargs: Any,
     ):
+        core_spelling.refuse_other_spellings(type(self).__name__, kwargs)
         config.check_bool("fused", fused)
         core_fields = core_spelling.to_core(hyperparameters)
         if _is_number(learning_rate):
@@ -140,6 +143,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
                 "use hvd_largebatch.tf.DistributedOptimizer with Horovod instead"
             )
         check_variable_dtypes(type(self).__name__, variables)
+        self._refuse_duplicates(variables)
         super().build(variables)
         paths = [tensor_path(v) for v in variables]
         shapes = [tuple(v.shape) for v in variables]
@@ -155,6 +159,16 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         )
         self.skipped_steps = self.add_variable((), initializer="zeros", dtype="int", name="skipped_steps")
         self._build_slots(variables)
+
+    def _refuse_duplicates(self, variables: Sequence[Any]) -> None:
+        """A variable listed twice would be updated twice per step: refused, naming its path and both positions."""
+        first_index: dict[int, int] = {}
+        for index, variable in enumerate(variables):
+            key = self._var_key(variable)
+            if key in first_index:
+                first = f"{tensor_path(variable)!r} at var_list[{first_index[key]}]"
+                raise errors.duplicate_tensor(first, f"var_list[{index}]", argument="var_list")
+            first_index[key] = index
 
     def _build_slots(self, variables: Sequence[Any]) -> None:
         raise NotImplementedError(f"{type(self).__name__} must create its slots")

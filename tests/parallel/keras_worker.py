@@ -12,6 +12,10 @@ Workers write numbers (checksums, maximum absolute differences to rank 0 or
 to a single process, per-rank values), never verdicts, so that the test
 compares them and a failure shows what differed.
 
+BatchNorm statistics: after an epoch on rank-dependent data each rank holds
+its own; ``average_batchnorm_statistics`` and the ``AverageBatchNormStatistics``
+callback make them equal, and equal to the mean of the ranks' values.
+
 Usage: horovodrun -np 2 -H localhost:2 --gloo python keras_worker.py CHECKPOINT_DIR
 """
 
@@ -35,8 +39,11 @@ from hvd_largebatch.tf import (  # noqa: E402
     LAMB,
     LARS,
     SGD,
+    AverageBatchNormStatistics,
     CLARSModel,
     DistributedOptimizer,
+    average_batchnorm_statistics,
+    batchnorm_moving_statistics,
     callbacks,
 )
 from keras_noise_scale_checks import run_checks as noise_scale_checks  # noqa: E402
@@ -251,6 +258,42 @@ def broadcast_check() -> dict:
     }
 
 
+class StatisticsAtValidation(keras.callbacks.Callback):
+    """The checksum of the BatchNorm statistics when fit's validation starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.checksums = []
+
+    def on_test_begin(self, logs=None):
+        self.checksums.append(checksum(batchnorm_moving_statistics(self.model)))
+
+
+def batchnorm_average_check() -> dict:
+    """Local BatchNorm statistics after an epoch on rank-dependent data, then averaged; then the callback in fit."""
+    x, y, global_batch = global_data(1)
+    xs, ys = shard(x, global_batch, 1), shard(y, global_batch, 1)
+    m = model(seed=100 + hvd.rank(), batchnorm=True)
+    m.compile(optimizer=DistributedOptimizer(LARS(learning_rate=0.1)), loss=loss(), jit_compile=False)
+    m.fit(xs, ys, batch_size=LOCAL_BATCH, epochs=1, shuffle=False, verbose=0,
+          callbacks=[callbacks.BroadcastGlobalVariablesCallback(0)])
+    statistics = batchnorm_moving_statistics(m)
+    local = flat_values(statistics).tolist()
+    count = average_batchnorm_statistics(m)
+    averaged = flat_values(statistics).tolist()
+    at_validation, average = StatisticsAtValidation(), AverageBatchNormStatistics()
+    m.fit(xs, ys, batch_size=LOCAL_BATCH, epochs=1, shuffle=False, verbose=0, validation_data=(xs[:16], ys[:16]),
+          callbacks=[average, at_validation])
+    return {
+        "layers": count,
+        "local": local,
+        "averaged": averaged,
+        "checksum_at_validation": at_validation.checksums,
+        "averaged_epochs": average.averaged_epochs,
+        "after_fit_max_abs_vs_rank0": max_abs_vs_rank0(statistics, "bn_average.after_fit"),
+    }
+
+
 def jit_check() -> dict:
     """jit_compile=True with DistributedOptimizer: refused before the first step, or when the step is traced."""
     x, y, global_batch = global_data(1)
@@ -316,6 +359,7 @@ def main() -> None:
         results[f"fit/{name}"] = fit_check(name)
     results["metric_average"] = metric_average_check()
     results["broadcast"] = broadcast_check()
+    results["batchnorm_average"] = batchnorm_average_check()
     results["jit"] = jit_check()
     results["resume"] = resume_check(directory)
     results.update(noise_scale_checks())

@@ -12,6 +12,8 @@ on every rank (float64); expectations are computed from rank and size
   equal to the mean of what the ranks log without it;
 * GradualWarmupCallback's per-batch LR is the core schedule's;
 * rank 0's weights, BatchNorm statistics and optimizer state reach every rank;
+* BatchNorm statistics averaged over the ranks (function and callback)
+  are equal on every rank and equal to the mean of the ranks' own values;
 * ``jit_compile=True`` is refused with a clear error;
 * rank 0 saves, every rank loads and continues exactly as without the pause.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hvd_largebatch import schedules
@@ -88,6 +91,21 @@ def test_broadcast_sends_rank_0_weights_statistics_and_optimizer_state(results):
     assert [r["after_training_max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results)
     # BatchNorm moving statistics are local to each rank once training runs (Horovod does not average them).
     assert per_rank[1]["batchnorm_statistics_max_abs_vs_rank0"] > 0, per_rank
+
+
+def test_batchnorm_statistics_are_averaged_over_the_ranks(results):
+    per_rank = [r["batchnorm_average"] for r in results]
+    assert [r["layers"] for r in per_rank] == [1] * len(results)  # one BatchNormalization: moving_mean and variance
+    local = np.array([r["local"] for r in per_rank])
+    assert np.max(np.abs(local[1] - local[0])) > 0, local  # the ranks' own statistics differ after training
+    mean = local.mean(axis=0)
+    for result in per_rank:
+        np.testing.assert_allclose(result["averaged"], mean, rtol=1e-14, atol=1e-15)
+    assert per_rank[1]["averaged"] == per_rank[0]["averaged"]
+    # the callback: averaged after the last batch, so the validation in fit sees equal statistics on every rank
+    assert [r["averaged_epochs"] for r in per_rank] == [1] * len(results)
+    assert [r["checksum_at_validation"] for r in per_rank] == [per_rank[0]["checksum_at_validation"]] * len(results)
+    assert [r["after_fit_max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results)
 
 
 def test_jit_compile_true_is_refused_clearly(results):

@@ -17,6 +17,8 @@ from hvd_largebatch.tf import (
     LARS,
     SGD,
     CLARSModel,
+    average_batchnorm_statistics,
+    batchnorm_moving_statistics,
     DistributedOptimizer,
     ScheduleAdapter,
     callbacks,
@@ -28,6 +30,7 @@ from optimizer_cases import BAD_HYPERPARAMETERS
 
 SCHEDULE = schedules.make_schedule(0.1, 100, peak=0.4, warmup_steps=10)
 NO_WARMUP = schedules.make_schedule(0.1, 100, warmup="none")
+KERNEL = keras.Variable([[1.0, 2.0]], name="kernel")
 
 BAD_INPUTS = [
     # optimizers: values out of range, in Keras spelling
@@ -45,6 +48,29 @@ BAD_INPUTS = [
     ("lars-exclusion-int", lambda: LARS(exclude_from_weight_decay=3), r"exclude_from_weight_decay must be None"),
     ("lars-exclusion-regex", lambda: LARS(exclude_from_layer_adaptation=["bias", "("]), r"exclude_from_layer_adaptation has an invalid regex"),
     ("lars-unknown-keras-arg", lambda: LARS(decay_steps=3), r"not recognized"),
+    # core (and PyTorch) spellings: the error names the Keras argument to use
+    ("lars-lr", lambda: LARS(lr=0.1), r"^LARS got lr=0\.1: Keras optimizers take learning_rate=0\.1 instead$"),
+    ("sgd-lr", lambda: SGD(lr=0.5, momentum=0.9), r"^SGD got lr=0\.5: Keras optimizers take learning_rate=0\.5 instead$"),
+    ("clars-lr", lambda: CLARS(lr=0.2), r"^CLARS got lr=0\.2: Keras optimizers take learning_rate=0\.2 instead$"),
+    ("lars-eps", lambda: LARS(eps=1e-9), r"^LARS got eps=1e-09: Keras optimizers take epsilon=1e-09 instead$"),
+    (
+        "lamb-beta1-beta2",
+        lambda: LAMB(beta1=0.8, beta2=0.99),
+        r"^LAMB got beta1=0\.8, beta2=0\.99: Keras optimizers take beta_1=0\.8, beta_2=0\.99 instead$",
+    ),
+    (
+        "lamb-torch-betas",
+        lambda: LAMB(learning_rate=0.01, betas=(0.9, 0.999)),
+        r"^LAMB got betas=\(0\.9, 0\.999\): Keras optimizers take beta_1=0\.9, beta_2=0\.999 instead$",
+    ),
+    # the same variable twice in the list the optimizer is built on
+    (
+        "lars-duplicate-variable",
+        lambda: LARS().build([KERNEL, keras.Variable([0.0], name="bias"), KERNEL]),
+        r"^var_list: the same tensor is passed twice, as 'kernel' at var_list\[0\] and as var_list\[2\]; pass each "
+        r"tensor once \(a repeated tensor would be updated once per occurrence in every step\)$",
+    ),
+    ("lamb-duplicate-variable", lambda: LAMB().build([KERNEL, KERNEL]), r"^var_list: the same tensor is passed twice, as 'kernel' at var_list\[0\] and as var_list\[1\]"),
     ("sgd-momentum-negative", lambda: SGD(momentum=-0.1), r"momentum must be in \[0, 1\)"),
     ("sgd-correction-not-bool", lambda: SGD(momentum_correction=None), r"momentum_correction must be True or False"),
     ("clars-estimator", lambda: CLARS(estimator="microbatch:0"), r"estimator must be 'exact' or 'microbatch:k'"),
@@ -56,7 +82,7 @@ BAD_INPUTS = [
     # create_optimizer
     ("create-unknown-name", lambda: create_optimizer("adamw"), r"name must be one of 'sgd', 'lars', 'larc', 'clars', 'lamb'"),
     ("create-larc-without-clip", lambda: create_optimizer("larc", clip=False), r"clip=False contradicts optimizer 'larc'"),
-    ("create-core-spelling", lambda: create_optimizer("lamb", beta1=0.9), r"not recognized"),
+    ("create-core-spelling", lambda: create_optimizer("lamb", beta1=0.9), r"^LAMB got beta1=0\.9: Keras optimizers take beta_1=0\.9 instead$"),
     # DistributedOptimizer
     ("dist-not-an-optimizer", lambda: DistributedOptimizer("sgd"), r"optimizer must be a keras.optimizers.Optimizer"),
     ("dist-op", lambda: DistributedOptimizer(LARS(), op="max"), r"op must be one of 'average', 'sum', 'adasum'"),
@@ -74,6 +100,12 @@ BAD_INPUTS = [
     ("warmup-callback-type", lambda: callbacks.GradualWarmupCallback([0.1, 0.2]), r"schedule_or_args must be an hvd_largebatch.schedules.Schedule or a mapping"),
     ("warmup-callback-no-warmup", lambda: callbacks.GradualWarmupCallback(NO_WARMUP), r"schedule_or_args must describe a gradual warmup"),
     ("warmup-callback-bad-args", lambda: callbacks.GradualWarmupCallback({"base_lr": -1.0, "total_steps": 10}), r"base_lr must be >= 0"),
+    ("lr-callback-multiplier", lambda: callbacks.LearningRateScheduleCallback(SCHEDULE, lr_multiplier=0.0), r"^lr_multiplier must be > 0, got 0\.0$"),
+    ("warmup-callback-multiplier", lambda: callbacks.GradualWarmupCallback(SCHEDULE, lr_multiplier=float("inf")), r"^lr_multiplier must be finite, got inf$"),
+    ("skipped-steps-warn-every", lambda: callbacks.SkippedStepsLogger(warn_every=0), r"warn_every must be an integer >= 1"),
+    # BatchNorm statistics
+    ("bn-statistics-not-a-model", lambda: batchnorm_moving_statistics("model"), r"^model must be a keras.Model \(or layer\), got str$"),
+    ("bn-average-not-a-model", lambda: average_batchnorm_statistics([KERNEL]), r"^model must be a keras.Model \(or layer\), got list$"),
     # CLARS per-example norms
     ("clars-model-not-a-model", lambda: CLARSModel("model"), r"model must be a keras.Model"),
     (

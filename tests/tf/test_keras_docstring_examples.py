@@ -8,7 +8,10 @@ import importlib
 import pytest
 
 # Modules whose docstrings hold runnable examples (DistributedOptimizer's needs horovodrun and is skipped there).
-MODULES = ["momentum_optimizers", "lamb", "optimizer_factory", "schedule_adapter", "callbacks", "clars_model"]
+MODULES = [
+    "momentum_optimizers", "lamb", "optimizer_factory", "schedule_adapter", "callbacks", "clars_model", "core_spelling",
+    "batchnorm_statistics",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

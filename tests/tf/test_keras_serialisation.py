@@ -212,3 +212,30 @@ def test_lamb_weights_saved_when_the_slots_held_mu_over_one_minus_beta_load_conv
         np.testing.assert_allclose(restored.numpy(), saved.numpy(), rtol=1e-14, atol=0, err_msg=saved.path)
     assert int(fresh.moment_format.numpy()) == 1
 
+
+
+# ------------------------------------------------------------------------ the optimizer names for Keras
+@pytest.mark.parametrize("name", ["lars", "larc", "clars", "lamb"])
+def test_keras_name_lookup_builds_the_package_optimizer(name):
+    from hvd_largebatch.tf.optimizer_factory import KERAS_NAMES
+
+    assert name in KERAS_NAMES
+    found = keras.optimizers.get(name)
+    expected = create_optimizer(name)
+    assert type(found) is type(expected)
+    assert found.get_config() == expected.get_config()
+    configured = keras.optimizers.get({"class_name": name, "config": {"learning_rate": 0.25, "weight_decay": 1e-3}})
+    assert configured.get_config() == create_optimizer(name, learning_rate=0.25, weight_decay=1e-3).get_config()
+
+
+def test_compile_by_name_trains_and_sgd_stays_keras_own():
+    assert type(keras.optimizers.get("sgd")) is keras.optimizers.SGD  # Keras's name is left to Keras
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+    model.compile(optimizer="larc", loss="mse")
+    before = model.get_layer("dense").kernel.numpy().copy()
+    x = np.arange(12, dtype="float32").reshape(4, 3) / 10
+    model.fit(x, np.ones((4, 2), dtype="float32"), batch_size=4, epochs=1, verbose=0)
+    assert (type(model.optimizer), model.optimizer.clip, model.optimizer.name) == (LARS, True, "larc")
+    assert int(model.optimizer.iterations.numpy()) == 1
+    assert float(np.max(np.abs(model.get_layer("dense").kernel.numpy() - before))) > 0
