@@ -26,6 +26,7 @@ CORE_MODULES = [
     "hvd_largebatch.cli",
     "hvd_largebatch.elastic_schedule",
     "hvd_largebatch.elastic_data",
+    "hvd_largebatch.dual_bn_routing",
 ]
 
 # Installed before anything else in a fresh interpreter: any import of a blocked
