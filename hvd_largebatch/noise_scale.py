@@ -52,6 +52,7 @@ __all__ = [
     "batch_sizes",
     "unbiased_estimates",
     "NoiseScaleEstimator",
+    "MonitorReadings",
     "advice",
     "exact_estimates_from_per_example_gradients",
 ]
@@ -377,3 +378,46 @@ def exact_estimates_from_per_example_gradients(per_example: Any, small_batch: in
     s = small_batch * float(np.trace(covariance))
     mean = matrix.mean(axis=0)
     return float(mean @ mean) - s / n, s
+
+
+class MonitorReadings:
+    """The readings of both frameworks' ``NoiseScaleMonitor``, forwarded from its core :class:`NoiseScaleEstimator`.
+
+    ``estimator`` is None until the monitor knows its batch sizes (in Keras,
+    when ``fit`` starts); every reading is nan until then. A monitor defines
+    ``global_batch`` (``b_B``), which :meth:`advice` compares ``B_simple`` with.
+    """
+
+    estimator: NoiseScaleEstimator | None = None
+
+    def _reading(self, name: str) -> float:
+        return float("nan") if self.estimator is None else getattr(self.estimator, name)
+
+    @property
+    def b_simple(self) -> float:
+        """``B_simple = EMA(S) / EMA(G2)``; nan until both averages are positive."""
+        return self._reading("b_simple")
+
+    @property
+    def g2(self) -> float:
+        """Bias-corrected EMA of the unbiased ``|G|^2`` estimates."""
+        return self._reading("g2")
+
+    @property
+    def s(self) -> float:
+        """Bias-corrected EMA of the unbiased ``tr(Sigma)`` estimates."""
+        return self._reading("s")
+
+    @property
+    def raw_g2(self) -> float:
+        """The last single-step ``G2`` (noisy; may be negative)."""
+        return self._reading("raw_g2")
+
+    @property
+    def raw_s(self) -> float:
+        """The last single-step ``S`` (noisy)."""
+        return self._reading("raw_s")
+
+    def advice(self) -> str:
+        """The measured ``B_simple`` against this run's global batch, as a sentence."""
+        return self.estimator.advice(self.global_batch)

@@ -5,11 +5,10 @@ Also runs the docstring examples of the core modules, so they stay true.
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import json
 
 import pytest
+from docstring_examples import check_docstring_examples
 from framework_blocker import run_blocked
 
 CORE_MODULES = [
@@ -60,8 +59,6 @@ def test_core_imports_and_cli_runs_with_frameworks_blocked():
 
 @pytest.mark.parametrize("module_name", CORE_MODULES + ["hvd_largebatch.schedule_command"])
 def test_docstring_examples(module_name):
-    module = importlib.import_module(module_name)
-    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert failures == 0
-    if module_name not in ("hvd_largebatch.cli", "hvd_largebatch.schedule_command"):
-        assert tried > 0, f"{module_name} has no runnable example"
+    check_docstring_examples(
+        module_name, require_example=module_name not in ("hvd_largebatch.cli", "hvd_largebatch.schedule_command")
+    )
