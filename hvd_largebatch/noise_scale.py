@@ -380,6 +380,11 @@ def exact_estimates_from_per_example_gradients(per_example: Any, small_batch: in
     return float(mean @ mean) - s / n, s
 
 
+def _reading(name: str, doc: str) -> property:
+    """A read-only float forwarded from the monitor's ``estimator`` (nan while it has none)."""
+    return property(lambda self: float("nan") if self.estimator is None else getattr(self.estimator, name), doc=doc)
+
+
 class MonitorReadings:
     """The readings of both frameworks' ``NoiseScaleMonitor``, forwarded from its core :class:`NoiseScaleEstimator`.
 
@@ -390,33 +395,11 @@ class MonitorReadings:
 
     estimator: NoiseScaleEstimator | None = None
 
-    def _reading(self, name: str) -> float:
-        return float("nan") if self.estimator is None else getattr(self.estimator, name)
-
-    @property
-    def b_simple(self) -> float:
-        """``B_simple = EMA(S) / EMA(G2)``; nan until both averages are positive."""
-        return self._reading("b_simple")
-
-    @property
-    def g2(self) -> float:
-        """Bias-corrected EMA of the unbiased ``|G|^2`` estimates."""
-        return self._reading("g2")
-
-    @property
-    def s(self) -> float:
-        """Bias-corrected EMA of the unbiased ``tr(Sigma)`` estimates."""
-        return self._reading("s")
-
-    @property
-    def raw_g2(self) -> float:
-        """The last single-step ``G2`` (noisy; may be negative)."""
-        return self._reading("raw_g2")
-
-    @property
-    def raw_s(self) -> float:
-        """The last single-step ``S`` (noisy)."""
-        return self._reading("raw_s")
+    b_simple = _reading("b_simple", "``B_simple = EMA(S) / EMA(G2)``; nan until both averages are positive.")
+    g2 = _reading("g2", "Bias-corrected EMA of the unbiased ``|G|^2`` estimates.")
+    s = _reading("s", "Bias-corrected EMA of the unbiased ``tr(Sigma)`` estimates.")
+    raw_g2 = _reading("raw_g2", "The last single-step ``G2`` (noisy; may be negative).")
+    raw_s = _reading("raw_s", "The last single-step ``S`` (noisy).")
 
     def advice(self) -> str:
         """The measured ``B_simple`` against this run's global batch, as a sentence."""
