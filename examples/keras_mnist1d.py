@@ -9,9 +9,10 @@ first epoch, then the LARS paper's poly(2) decay (``sgd``: Goyal's step decay).
 allreduce per step); the callbacks broadcast rank 0's initial weights and
 optimizer state and average the epoch metrics.
 
-The script uses only the package's public API; the data come from the
-``mnist1d`` package's own generator (rank 0 generates them once into
-``--data-dir``, never downloads), and the model is defined here.
+The model (the Keras twin of the PyTorch example's, with PyTorch's initial
+law), a ``PyDataset`` of this rank's shares of the global batches and the
+``fit`` call are written here with the package's public API; the command line,
+MNIST-1D and the LR recipe come from ``mnist1d_recipe.py`` beside this script.
 
 Run on 2 local workers:
 
@@ -24,7 +25,6 @@ Only rank 0 prints (Keras's per-epoch line).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -34,48 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hvd_largebatch import schedules
 from hvd_largebatch.tf import CLARSModel, DistributedOptimizer, callbacks, create_optimizer
-
-# Base LRs at batch 128, as tuned for `hvd-largebatch bench` (LARC uses LARS's).
-BASE_LR = {"lars": 8.0, "larc": 8.0, "clars": 8.0, "lamb": 0.02, "sgd": 0.1}
-BASE_BATCH = 128
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizer", choices=tuple(BASE_LR), default="lars", help="default: lars")
-    parser.add_argument("--batch-size", type=int, default=2048, help="global batch (all workers), default: 2048")
-    parser.add_argument("--epochs", type=int, default=10, help="default: 10")
-    parser.add_argument("--base-lr", type=float, default=None, help=f"LR at batch {BASE_BATCH} (default: tuned)")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="gradual warmup length, default: 1")
-    parser.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (LAMB: 0.01)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-size", type=int, default=60_000, help="MNIST-1D training examples, default: 60000")
-    parser.add_argument("--test-size", type=int, default=10_000, help="MNIST-1D test examples, default: 10000")
-    parser.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "mnist1d"),
-                        help="where the generated MNIST-1D is kept, default: ~/.cache/mnist1d")
-    parser.add_argument("--smoke", action="store_true", help="tiny data, 3 epochs, batch 256: checks that it all runs")
-    args = parser.parse_args()
-    if args.smoke:
-        args.epochs, args.batch_size, args.warmup_epochs = 3, 256, 0.5
-        args.train_size, args.test_size = 2048, 512
-    return args
-
-
-def mnist1d(train_size: int, test_size: int, data_dir: str) -> tuple[np.ndarray, ...]:
-    """MNIST-1D (signals of length 40, 10 classes) from the mnist1d package's generator, cached as a pickle."""
-    from mnist1d.data import get_dataset, get_dataset_args
-
-    args = get_dataset_args()
-    args.num_samples = -(-(train_size + test_size) // 10) * 10  # the generator makes num_samples/10 per class
-    args.train_split = 1.0  # split exactly below
-    os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, f"mnist1d-{args.num_samples}-seed{args.seed}.pkl")
-    data = get_dataset(args, path=path, download=False, verbose=False)
-    x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
-    return x[:train_size], y[:train_size], x[train_size:train_size + test_size], y[train_size:train_size + test_size]
-
+from mnist1d_recipe import check_batch_size, load_mnist1d, lr_schedule, parse_args, weight_decay
 
 def mnist1d_convnet(seed: int) -> keras.Model:
     """Three Conv1D-BatchNorm-ReLU blocks (32, 64, 64 channels; length 40 -> 40 -> 20 -> 10) and a classifier.
@@ -129,7 +89,7 @@ class ShardedEpochs(keras.utils.PyDataset):
 
 
 def main() -> int:
-    args = parse_args()
+    args = parse_args(__doc__.split("\n\n")[0])
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads:  # one core's worth of threads per worker when they share a machine
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -137,14 +97,11 @@ def main() -> int:
     hvd.init()
     rank, workers = hvd.rank(), hvd.size()
 
-    if args.batch_size % workers or not 0 < args.batch_size <= args.train_size:
-        raise SystemExit(f"--batch-size must be a multiple of {workers} workers and at most --train-size")
-    # Data: every rank holds the same arrays; rank 0 generates and caches them first.
-    if rank == 0:
-        mnist1d(args.train_size, args.test_size, args.data_dir)
-    hvd.broadcast_object(None, name="data_ready")  # a barrier: wait for rank 0's cache file
-    x_train, y_train, x_test, y_test = mnist1d(args.train_size, args.test_size, args.data_dir)
-    x_test, y_test = x_test[rank::workers], y_test[rank::workers]  # each rank scores its part of the test set
+    check_batch_size(args, workers)
+    # Data: the whole training set and this rank's part of the test set; rank 0 generates and caches them first.
+    x_train, y_train, x_test, y_test = load_mnist1d(
+        args, rank, workers, barrier=lambda: hvd.broadcast_object(None, name="data_ready")
+    )
     batches = ShardedEpochs(x_train, y_train, args.batch_size, args.seed, rank, workers)
 
     # Model, optimizer and schedule, as the large-batch papers do it.
@@ -152,24 +109,8 @@ def main() -> int:
     model = mnist1d_convnet(seed=args.seed)
     if args.optimizer == "clars":  # CLARS needs per-example gradient norms: the wrapper measures them
         model = CLARSModel(model)
-    base_lr = args.base_lr if args.base_lr is not None else BASE_LR[args.optimizer]
-    if args.optimizer == "sgd":
-        # Goyal et al.: linear scaling, gradual warmup from the base LR, step decay at Goyal's
-        # epochs 30, 60, 80 of 90 taken as fractions of this run (those after the warmup).
-        milestones = [f * args.epochs for f in (1 / 3, 2 / 3, 8 / 9) if f * args.epochs > args.warmup_epochs]
-        schedule = schedules.goyal(
-            base_lr, BASE_BATCH, args.batch_size, batches.steps_per_epoch, epochs=args.epochs,
-            warmup_epochs=args.warmup_epochs, milestones=milestones,
-        )
-    else:
-        # Layer-wise methods: the same gradual warmup (Goyal's per-iteration ramp from the base
-        # LR), square-root scaling and the LARS paper's poly(2) decay, as in `hvd-largebatch bench`.
-        schedule = schedules.lars_poly(
-            base_lr, BASE_BATCH, args.batch_size, batches.steps_per_epoch, args.epochs,
-            warmup_epochs=args.warmup_epochs, scaling="sqrt",
-        )
-    weight_decay = args.weight_decay if args.weight_decay is not None else (0.01 if args.optimizer == "lamb" else 5e-4)
-    optimizer = create_optimizer(args.optimizer, learning_rate=schedule(0), weight_decay=weight_decay)
+    schedule = lr_schedule(args, batches.steps_per_epoch)  # gradual warmup, then poly(2) (sgd: Goyal's steps)
+    optimizer = create_optimizer(args.optimizer, learning_rate=schedule(0), weight_decay=weight_decay(args))
     model.compile(
         optimizer=DistributedOptimizer(optimizer),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -8,9 +8,9 @@ decay (``sgd``: Goyal's step decay). Gradients are averaged over the workers by
 Horovod's allreduce; rank 0's initial weights and optimizer state are broadcast
 to every worker.
 
-The script uses only the package's public API; the data come from the
-``mnist1d`` package's own generator (rank 0 generates them once into
-``--data-dir``, never downloads), and the model is defined here.
+Model and training loop are written here with the package's public API;
+``mnist1d_recipe.py``, in this folder too, gives the options, the data (from the ``mnist1d``
+package's generator, never downloaded) and the schedule, the same as the Keras example's.
 
 Run on 2 local workers:
 
@@ -23,9 +23,7 @@ Only rank 0 prints.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 import time
 
@@ -35,48 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvd_largebatch import schedules
 from hvd_largebatch.torch_impl import DistributedOptimizer, GradualWarmupScheduler, broadcast_state, create_optimizer
-
-# Base LRs at batch 128, as tuned for `hvd-largebatch bench` (LARC uses LARS's).
-BASE_LR = {"lars": 8.0, "larc": 8.0, "clars": 8.0, "lamb": 0.02, "sgd": 0.1}
-BASE_BATCH = 128
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizer", choices=tuple(BASE_LR), default="lars", help="default: lars")
-    parser.add_argument("--batch-size", type=int, default=2048, help="global batch (all workers), default: 2048")
-    parser.add_argument("--epochs", type=int, default=10, help="default: 10")
-    parser.add_argument("--base-lr", type=float, default=None, help=f"LR at batch {BASE_BATCH} (default: tuned)")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="gradual warmup length, default: 1")
-    parser.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (LAMB: 0.01)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-size", type=int, default=60_000, help="MNIST-1D training examples, default: 60000")
-    parser.add_argument("--test-size", type=int, default=10_000, help="MNIST-1D test examples, default: 10000")
-    parser.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "mnist1d"),
-                        help="where the generated MNIST-1D is kept, default: ~/.cache/mnist1d")
-    parser.add_argument("--smoke", action="store_true", help="tiny data, 3 epochs, batch 256: checks that it all runs")
-    args = parser.parse_args()
-    if args.smoke:
-        args.epochs, args.batch_size, args.warmup_epochs = 3, 256, 0.5
-        args.train_size, args.test_size = 2048, 512
-    return args
-
-
-def mnist1d(train_size: int, test_size: int, data_dir: str) -> tuple[np.ndarray, ...]:
-    """MNIST-1D (signals of length 40, 10 classes) from the mnist1d package's generator, cached as a pickle."""
-    from mnist1d.data import get_dataset, get_dataset_args
-
-    args = get_dataset_args()
-    args.num_samples = -(-(train_size + test_size) // 10) * 10  # the generator makes num_samples/10 per class
-    args.train_split = 1.0  # split exactly below
-    os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, f"mnist1d-{args.num_samples}-seed{args.seed}.pkl")
-    data = get_dataset(args, path=path, download=False, verbose=False)
-    x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
-    return x[:train_size], y[:train_size], x[train_size:train_size + test_size], y[train_size:train_size + test_size]
-
+from mnist1d_recipe import check_batch_size, load_mnist1d, lr_schedule, parse_args, weight_decay
 
 def mnist1d_convnet() -> nn.Sequential:
     """Three Conv1d-BatchNorm-ReLU blocks (32, 64, 64 channels; length 40 -> 40 -> 20 -> 10) and a classifier."""
@@ -111,42 +69,23 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 
 def main() -> int:
-    args = parse_args()
+    args = parse_args(__doc__.split("\n\n")[0])
     hvd.init()
     rank, workers = hvd.rank(), hvd.size()
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    if args.batch_size % workers or not 0 < args.batch_size <= args.train_size:
-        raise SystemExit(f"--batch-size must be a multiple of {workers} workers and at most --train-size")
-    # Data: every rank holds the same arrays; rank 0 generates and caches them first.
-    if rank == 0:
-        mnist1d(args.train_size, args.test_size, args.data_dir)
-    hvd.barrier()
-    x_train, y_train, x_test, y_test = map(torch.from_numpy, mnist1d(args.train_size, args.test_size, args.data_dir))
-    x_test, y_test = x_test[rank::workers], y_test[rank::workers]  # each rank scores its part of the test set
+    check_batch_size(args, workers)
+    # Data: the whole training set and this rank's part of the test set; rank 0 generates and caches them first.
+    x_train, y_train, x_test, y_test = map(torch.from_numpy, load_mnist1d(args, rank, workers, barrier=hvd.barrier))
     steps_per_epoch, per_worker_batch = args.train_size // args.batch_size, args.batch_size // workers
 
     # Model, optimizer and schedule, as the large-batch papers do it.
     torch.manual_seed(args.seed)
     model = mnist1d_convnet()
-    base_lr = args.base_lr if args.base_lr is not None else BASE_LR[args.optimizer]
-    if args.optimizer == "sgd":
-        # Goyal et al.: linear scaling, gradual warmup from the base LR, step decay at Goyal's
-        # epochs 30, 60, 80 of 90 taken as fractions of this run (those after the warmup).
-        milestones = [f * args.epochs for f in (1 / 3, 2 / 3, 8 / 9) if f * args.epochs > args.warmup_epochs]
-        schedule = schedules.goyal(
-            base_lr, BASE_BATCH, args.batch_size, steps_per_epoch, epochs=args.epochs,
-            warmup_epochs=args.warmup_epochs, milestones=milestones,
-        )
-    else:
-        # Layer-wise methods: the same gradual warmup (Goyal's per-iteration ramp from the base
-        # LR), square-root scaling and the LARS paper's poly(2) decay, as in `hvd-largebatch bench`.
-        schedule = schedules.lars_poly(
-            base_lr, BASE_BATCH, args.batch_size, steps_per_epoch, args.epochs,
-            warmup_epochs=args.warmup_epochs, scaling="sqrt",
-        )
-    weight_decay = args.weight_decay if args.weight_decay is not None else (0.01 if args.optimizer == "lamb" else 5e-4)
-    optimizer = create_optimizer(args.optimizer, model.named_parameters(), lr=schedule(0), weight_decay=weight_decay)
+    schedule = lr_schedule(args, steps_per_epoch)  # gradual warmup, then poly(2) (sgd: Goyal's steps)
+    optimizer = create_optimizer(
+        args.optimizer, model.named_parameters(), lr=schedule(0), weight_decay=weight_decay(args)
+    )
     optimizer = DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     scheduler = GradualWarmupScheduler(optimizer, schedule)
     broadcast_state(model, optimizer, root_rank=0)

@@ -41,6 +41,7 @@ __all__ = [
     "OPTIMIZERS",
     "OPTIMIZER_NAMES",
     "resolve_optimizer",
+    "optimizer_classes",
     "optimizer_config",
     "ExclusionRule",
     "ExclusionSpec",
@@ -212,55 +213,67 @@ class _Record:
     def from_dict(cls, values: Mapping[str, Any]):
         return cls(**values)
 
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]):
+        """The record of the fields found in ``arguments`` (other keys ignored, missing fields at their defaults).
+
+        The frameworks' constructors repeat a record's fields in their own
+        signatures (so that help and IDEs show them) and pass ``locals()`` here,
+        so each field is named once in each signature and once in the record.
+
+        Example:
+            >>> ConAdvConfig.from_arguments({"epsilon": 0.5, "model": None}).epsilon
+            0.5
+        """
+        return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls) if f.name in arguments})
+
     def replace(self, **changes: Any):
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
 
-def _validate_momentum_family(record: Any) -> None:
-    record._set("lr", check_non_negative("lr", record.lr))
-    record._set("momentum", check_unit_interval("momentum", record.momentum))
-    record._set("weight_decay", check_non_negative("weight_decay", record.weight_decay))
-    check_bool("nesterov", record.nesterov)
-    check_bool("momentum_correction", record.momentum_correction)
-    check_choice("nonfinite", record.nonfinite, NONFINITE_POLICIES)
-    if record.nesterov and record.momentum == 0:
-        raise ValueError("nesterov=True requires momentum > 0, got momentum=0.0")
+@dataclasses.dataclass(frozen=True)
+class _MomentumRecord(_Record):
+    """The fields and checks SGD and LARS share: the momentum family, LR inside the velocity."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    momentum_correction: bool = True
+    nonfinite: str = "skip"
+
+    def _validate(self) -> None:
+        self._set("lr", check_non_negative("lr", self.lr))
+        self._set("momentum", check_unit_interval("momentum", self.momentum))
+        self._set("weight_decay", check_non_negative("weight_decay", self.weight_decay))
+        check_bool("nesterov", self.nesterov)
+        check_bool("momentum_correction", self.momentum_correction)
+        check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True requires momentum > 0, got momentum=0.0")
 
 
 @dataclasses.dataclass(frozen=True)
-class SGDConfig(_Record):
-    """Momentum SGD with the LR inside the velocity (ALGORITHMS.md, SGD)."""
+class SGDConfig(_MomentumRecord):
+    """Momentum SGD with the LR inside the velocity (ALGORITHMS.md, SGD): the momentum-family fields only."""
 
     name: ClassVar[str] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    momentum_correction: bool = True
-    nonfinite: str = "skip"
-
-    def _validate(self) -> None:
-        _validate_momentum_family(self)
+    class_name: ClassVar[str] = "SGD"  # the class of both frameworks
 
 
 @dataclasses.dataclass(frozen=True)
-class LARSConfig(_Record):
-    """LARS (You, Gitman, Ginsburg 2017); ``clip=True`` is LARC."""
+class LARSConfig(_MomentumRecord):
+    """LARS (You, Gitman, Ginsburg 2017); ``clip=True`` is LARC. The momentum-family fields and these."""
 
     name: ClassVar[str] = "lars"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    class_name: ClassVar[str] = "LARS"  # the class of both frameworks
     trust_coefficient: float = 0.001
     eps: float = 0.0
-    nesterov: bool = False
     clip: bool = False
-    momentum_correction: bool = True
-    nonfinite: str = "skip"
 
     def _validate(self) -> None:
-        _validate_momentum_family(self)
+        super()._validate()
         self._set("trust_coefficient", check_positive("trust_coefficient", self.trust_coefficient))
         self._set("eps", check_non_negative("eps", self.eps))
         check_bool("clip", self.clip)
@@ -275,6 +288,7 @@ class CLARSConfig(LARSConfig):
     """
 
     name: ClassVar[str] = "clars"
+    class_name: ClassVar[str] = "CLARS"  # the class of both frameworks
     estimator: str = "exact"
     chunk_size: int = 32
 
@@ -294,6 +308,7 @@ class LAMBConfig(_Record):
     """LAMB (You et al. 2019)."""
 
     name: ClassVar[str] = "lamb"
+    class_name: ClassVar[str] = "LAMB"  # the class of both frameworks
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
@@ -431,6 +446,37 @@ def resolve_optimizer(name: str, kwargs: Mapping[str, Any]) -> tuple[str, Optimi
         if field in kwargs and kwargs[field] != value:
             raise ValueError(f"{field}={kwargs[field]!r} contradicts optimizer {key!r}, which sets {field}={value!r}")
     return key, spec, {**kwargs, **spec.fixed}
+
+
+def optimizer_classes(*classes: type) -> dict[type, type]:
+    """A framework's table of record type -> the class that implements it, for its ``create_optimizer``.
+
+    Each record names its class (``LARSConfig.class_name == "LARS"``), the same
+    in PyTorch and Keras, so a framework passes its optimizer classes and gets
+    the table of every record type in :data:`OPTIMIZERS`.
+
+    Raises:
+        ValueError: naming a record type whose class is not among ``classes``.
+
+    Example:
+        >>> class SGD: pass
+        >>> class LARS: pass
+        >>> class CLARS: pass
+        >>> class LAMB: pass
+        >>> optimizer_classes(SGD, LARS, CLARS, LAMB)[LARSConfig] is LARS
+        True
+    """
+    by_name = {cls.__name__: cls for cls in classes}
+    table: dict[type, type] = {}
+    for spec in OPTIMIZERS.values():
+        record_type = spec.record_type
+        if record_type.class_name not in by_name:
+            raise ValueError(
+                f"classes must include one named {record_type.class_name!r} for {record_type.__name__}; "
+                f"got {', '.join(sorted(by_name)) or 'none'}"
+            )
+        table[record_type] = by_name[record_type.class_name]
+    return table
 
 
 def optimizer_config(name: str, **kwargs: Any) -> OptimizerConfig:

@@ -52,6 +52,7 @@ __all__ = [
     "batch_sizes",
     "unbiased_estimates",
     "NoiseScaleEstimator",
+    "MonitorReadings",
     "advice",
     "exact_estimates_from_per_example_gradients",
 ]
@@ -377,3 +378,29 @@ def exact_estimates_from_per_example_gradients(per_example: Any, small_batch: in
     s = small_batch * float(np.trace(covariance))
     mean = matrix.mean(axis=0)
     return float(mean @ mean) - s / n, s
+
+
+def _reading(name: str, doc: str) -> property:
+    """A read-only float forwarded from the monitor's ``estimator`` (nan while it has none)."""
+    return property(lambda self: float("nan") if self.estimator is None else getattr(self.estimator, name), doc=doc)
+
+
+class MonitorReadings:
+    """The readings of both frameworks' ``NoiseScaleMonitor``, forwarded from its core :class:`NoiseScaleEstimator`.
+
+    ``estimator`` is None until the monitor knows its batch sizes (in Keras,
+    when ``fit`` starts); every reading is nan until then. A monitor defines
+    ``global_batch`` (``b_B``), which :meth:`advice` compares ``B_simple`` with.
+    """
+
+    estimator: NoiseScaleEstimator | None = None
+
+    b_simple = _reading("b_simple", "``B_simple = EMA(S) / EMA(G2)``; nan until both averages are positive.")
+    g2 = _reading("g2", "Bias-corrected EMA of the unbiased ``|G|^2`` estimates.")
+    s = _reading("s", "Bias-corrected EMA of the unbiased ``tr(Sigma)`` estimates.")
+    raw_g2 = _reading("raw_g2", "The last single-step ``G2`` (noisy; may be negative).")
+    raw_s = _reading("raw_s", "The last single-step ``S`` (noisy).")
+
+    def advice(self) -> str:
+        """The measured ``B_simple`` against this run's global batch, as a sentence."""
+        return self.estimator.advice(self.global_batch)

@@ -219,33 +219,20 @@ class ReferenceOptimizer:
             velocity = [v * factor for v in velocity]
         out, new_velocity = [], []
         for i, (w, g, v) in enumerate(zip(params, grads, velocity)):
+            # The momentum-family arguments, the same for SGD and LARS.
+            family = dict(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                          decay=self.decay[i])
             if isinstance(cfg, _config.LARSConfig):
                 w, v = lars_update(
-                    w,
-                    v,
-                    g,
-                    lr=lr,
-                    momentum=cfg.momentum,
-                    weight_decay=cfg.weight_decay,
+                    w, v, g, **family,
                     trust_coefficient=cfg.trust_coefficient,
                     eps=cfg.eps,
-                    nesterov=cfg.nesterov,
                     clip=cfg.clip,
-                    decay=self.decay[i],
                     adapt=self.adapt[i],
                     g_norm=None if grad_norms is None else float(grad_norms[i]),
                 )
             else:
-                w, v = sgd_update(
-                    w,
-                    v,
-                    g,
-                    lr=lr,
-                    momentum=cfg.momentum,
-                    weight_decay=cfg.weight_decay,
-                    nesterov=cfg.nesterov,
-                    decay=self.decay[i],
-                )
+                w, v = sgd_update(w, v, g, **family)
             out.append(w)
             new_velocity.append(v)
         self.state["velocity"] = new_velocity

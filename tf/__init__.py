@@ -59,10 +59,7 @@ from hvd_largebatch.tf.per_example_norms import per_example_grad_norm_sums
 from hvd_largebatch.tf.schedule_adapter import ScheduleAdapter
 
 __all__ = [
-    "SGD",
-    "LARS",
-    "CLARS",
-    "LAMB",
+    "SGD", "LARS", "CLARS", "LAMB",
     "LargeBatchOptimizer",
     "create_optimizer",
     "DistributedOptimizer",

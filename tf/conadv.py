@@ -133,20 +133,7 @@ class ConAdv(keras.Model):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if isinstance(input_range, list):  # a deserialised tuple
-            input_range = tuple(input_range)
-        config = ConAdvConfig(
-            epsilon=epsilon,
-            step_size=step_size,
-            staleness=staleness,
-            attack_iters=attack_iters,
-            random_start_prob=random_start_prob,
-            targeted=targeted,
-            adv_weight=adv_weight,
-            dual_bn=dual_bn,
-            input_range=input_range,
-            average_losses=average_losses,
-        )
+        config = ConAdvConfig.from_arguments(locals())  # a deserialised list input_range becomes a tuple there
         if not isinstance(base_model, keras.Model):
             raise ValueError(f"base_model must be a keras.Model, got {type(base_model).__name__}")
         if seed is not None:

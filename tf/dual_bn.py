@@ -42,6 +42,8 @@ from collections.abc import Iterator
 import keras
 from keras.src.models.functional import Functional  # Keras 3 has no public name for this class
 
+from hvd_largebatch.dual_bn_routing import routed_to_auxiliary
+
 __all__ = [
     "DualBatchNormalization",
     "convert_to_dual_bn",
@@ -248,12 +250,5 @@ def auxiliary_bn(model: keras.layers.Layer, enabled: bool = True) -> Iterator[ke
 
     Restores the previous routing on exit. ``enabled=False`` makes it a no-op.
     """
-    layers = dual_bn_layers(model) if enabled else []
-    previous = [layer.use_auxiliary for layer in layers]
-    for layer in layers:
-        layer.use_auxiliary = True
-    try:
+    with routed_to_auxiliary(dual_bn_layers(model) if enabled else []):
         yield model
-    finally:
-        for layer, value in zip(layers, previous):
-            layer.use_auxiliary = value

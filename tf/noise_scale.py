@@ -28,7 +28,7 @@ __all__ = ["NoiseScaleMonitor", "LOG_KEYS"]
 LOG_KEYS = ("b_simple", "noise_scale_g2", "noise_scale_s")
 
 
-class NoiseScaleMonitor(keras.callbacks.Callback):
+class NoiseScaleMonitor(_core.MonitorReadings, keras.callbacks.Callback):
     """Reports the gradient noise scale ``B_simple = EMA(S) / EMA(G2)`` of a ``model.fit`` run in its logs.
 
     McCandlish et al. 2018 (appendix A); the estimator and its batch sizes
@@ -133,31 +133,7 @@ class NoiseScaleMonitor(keras.callbacks.Callback):
         return dict(zip(LOG_KEYS, (self.b_simple, self.g2, self.s)))
 
     # ---------------------------------------------------------------- results
-    @property
-    def b_simple(self) -> float:
-        """``B_simple = EMA(S) / EMA(G2)``; nan until both averages are positive."""
-        return float("nan") if self.estimator is None else self.estimator.b_simple
-
-    @property
-    def g2(self) -> float:
-        """Bias-corrected EMA of the unbiased ``|G|^2`` estimates."""
-        return float("nan") if self.estimator is None else self.estimator.g2
-
-    @property
-    def s(self) -> float:
-        """Bias-corrected EMA of the unbiased ``tr(Sigma)`` estimates."""
-        return float("nan") if self.estimator is None else self.estimator.s
-
-    @property
-    def raw_g2(self) -> float:
-        """The last single-step ``G2`` (noisy; may be negative)."""
-        return float("nan") if self.estimator is None else self.estimator.raw_g2
-
-    @property
-    def raw_s(self) -> float:
-        """The last single-step ``S`` (noisy)."""
-        return float("nan") if self.estimator is None else self.estimator.raw_s
-
+    # b_simple, g2, s, raw_g2, raw_s and advice() come from the core's MonitorReadings.
     @property
     def global_batch(self) -> int:
         """Examples behind one update: ``b_B`` (known once training started)."""
@@ -171,6 +147,3 @@ class NoiseScaleMonitor(keras.callbacks.Callback):
             raise ValueError("per_tensor_values() needs NoiseScaleMonitor(..., per_tensor=True)")
         return {} if self.estimator is None else self.estimator.per_tensor()
 
-    def advice(self) -> str:
-        """The measured ``B_simple`` against this run's global batch, as a sentence."""
-        return self.estimator.advice(self.global_batch)

@@ -1,9 +1,8 @@
 """``create_optimizer(name, **kwargs)``: the package's Keras optimizers by name, also for ``model.compile``.
 
-Variants are settings, not classes: ``"larc"`` is ``LARS(clip=True)``. The
-names and the settings each name fixes come from the core registry
-:data:`hvd_largebatch.config.OPTIMIZERS`; this module only maps each core
-record type to the Keras class that implements it.
+Variants are settings, not classes: ``"larc"`` is ``LARS(clip=True)``, as the
+core registry :data:`hvd_largebatch.config.OPTIMIZERS` says; the Keras classes
+are found by :func:`hvd_largebatch.config.optimizer_classes`.
 
 Importing :mod:`hvd_largebatch.tf` also registers the names with Keras
 (:func:`register_optimizer_names`), so ``model.compile(optimizer="lars")``
@@ -27,13 +26,8 @@ from hvd_largebatch.tf.momentum_optimizers import CLARS, LARS, SGD
 
 __all__ = ["create_optimizer", "OPTIMIZER_CLASSES", "KERAS_OWN_NAMES", "KERAS_NAMES", "register_optimizer_names"]
 
-#: Core record type -> the Keras class that implements it (the same table as ``hvd_largebatch.torch_impl``'s).
-OPTIMIZER_CLASSES: dict[type, type[LargeBatchOptimizer]] = {
-    config.SGDConfig: SGD,
-    config.LARSConfig: LARS,
-    config.CLARSConfig: CLARS,
-    config.LAMBConfig: LAMB,
-}
+#: Core record type -> the Keras class that implements it.
+OPTIMIZER_CLASSES: dict[type, type[LargeBatchOptimizer]] = config.optimizer_classes(SGD, LARS, CLARS, LAMB)
 
 
 def create_optimizer(name: str, **kwargs: Any) -> LargeBatchOptimizer:

@@ -71,6 +71,14 @@ def _rows(structure: Any, start, stop) -> Any:
     return tf.nest.map_structure(lambda t: t[start:stop], structure)
 
 
+def _loop_total(more: Callable, body: Callable, length: int, dtype) -> tf.Tensor:
+    """``tf.while_loop`` over ``(i, total)`` from ``(0, zeros(length))`` while ``more(i)``; returns ``total``."""
+    _, total = tf.while_loop(
+        lambda i, total: more(i), body, (tf.constant(0, tf.int32), tf.zeros((length,), dtype=dtype))
+    )
+    return total
+
+
 def exact_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any, y: Any, chunk_size: int):
     """``(sum_i ||grad_l f_i||  per tensor, B)`` from true per-example gradients, ``chunk_size`` at a time."""
     dtype = norm_dtype(variables)
@@ -89,12 +97,7 @@ def exact_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x: Any
         # reshape: with a dynamic chunk of one example, pfor can return the norms without their batch axis.
         return stop, total + tf.stack([tf.reduce_sum(tf.reshape(n, (-1,))) for n in norms])
 
-    _, total = tf.while_loop(
-        lambda start, total: start < batch,
-        body,
-        (tf.constant(0, tf.int32), tf.zeros((len(variables),), dtype=dtype)),
-    )
-    return total, tf.cast(batch, dtype)
+    return _loop_total(lambda start: start < batch, body, len(variables), dtype), tf.cast(batch, dtype)
 
 
 def exact_norm_sums_by_rules(
@@ -150,12 +153,7 @@ def microbatch_norm_sums(loss_of_batch: LossOfBatch, variables: Sequence[Any], x
         norms = _gradient_norm_list(loss_of_batch, variables, _rows(x, start, stop), _rows(y, start, stop), dtype)
         return j + 1, total + tf.stack(norms)
 
-    _, total = tf.while_loop(
-        lambda j, total: j < parts,
-        body,
-        (tf.constant(0, tf.int32), tf.zeros((len(variables),), dtype=dtype)),
-    )
-    return total, tf.cast(parts, dtype)
+    return _loop_total(lambda j: j < parts, body, len(variables), dtype), tf.cast(parts, dtype)
 
 
 def per_example_grad_norm_sums(

@@ -62,10 +62,7 @@ from hvd_largebatch.torch_impl.sgd import SGD
 from hvd_largebatch.torch_impl.warmup_scheduler import GradualWarmupScheduler
 
 __all__ = [
-    "SGD",
-    "LARS",
-    "CLARS",
-    "LAMB",
+    "SGD", "LARS", "CLARS", "LAMB",
     "LargeBatchOptimizer",
     "create_optimizer",
     "momentum_update",

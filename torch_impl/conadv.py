@@ -148,14 +148,7 @@ def make_adversarial_examples(
         ValueError: a hyperparameter out of range (from ``ConAdvConfig``), ``x``
             not floating, or targeted mode without integer labels.
     """
-    cfg = ConAdvConfig(
-        epsilon=epsilon,
-        step_size=step_size,
-        attack_iters=attack_iters,
-        random_start_prob=random_start_prob,
-        targeted=targeted,
-        input_range=input_range,
-    )
+    cfg = ConAdvConfig.from_arguments(locals())  # the fields not taken here (staleness, ...) do not matter
     _check_batch(x, y, cfg.targeted)
     return _attack(model, loss_fn, x, y, cfg, generator)
 
@@ -398,18 +391,7 @@ class ConAdv:
             raise ValueError(f"concurrent must be True or False, got {concurrent!r}")
         if seed is not None:
             seed = check_non_negative_int("seed", seed)
-        self.config = ConAdvConfig(
-            epsilon=epsilon,
-            step_size=step_size,
-            staleness=staleness,
-            attack_iters=attack_iters,
-            random_start_prob=random_start_prob,
-            targeted=targeted,
-            adv_weight=adv_weight,
-            dual_bn=dual_bn,
-            input_range=input_range,
-            average_losses=average_losses,
-        )
+        self.config = ConAdvConfig.from_arguments(locals())
         plain = plain_bn_layers(model)
         if self.config.dual_bn and plain:
             names = [name or type(module).__name__ for name, module in model.named_modules() if module in plain]

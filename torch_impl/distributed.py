@@ -10,6 +10,7 @@ weights and state are broadcast at start and on resume.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -159,27 +160,30 @@ class _TensorSlot:
         self.device_type = tensor.device.type
 
 
+def _map_leaves(value: Any, leaf_type: type, fn: Callable[[Any], Any]) -> Any:
+    """``value`` with each ``leaf_type`` inside dicts, lists and tuples replaced by ``fn(leaf)``, in order."""
+    if isinstance(value, leaf_type):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf_type, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_leaves(v, leaf_type, fn) for v in value)
+    return value
+
+
 def _strip_tensors(value: Any, tensors: list[torch.Tensor]) -> Any:
     """``value`` with every tensor replaced by a :class:`_TensorSlot` (tensors appended in traversal order)."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return _TensorSlot(value)
-    if isinstance(value, dict):
-        return {k: _strip_tensors(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_strip_tensors(v, tensors) for v in value)
-    return value
+
+    def strip(tensor: torch.Tensor) -> _TensorSlot:
+        tensors.append(tensor)
+        return _TensorSlot(tensor)
+
+    return _map_leaves(value, torch.Tensor, strip)
 
 
 def _fill_tensors(value: Any, make: Any) -> Any:
     """Inverse of :func:`_strip_tensors`: each slot becomes ``make(slot)``, in the same order."""
-    if isinstance(value, _TensorSlot):
-        return make(value)
-    if isinstance(value, dict):
-        return {k: _fill_tensors(v, make) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fill_tensors(v, make) for v in value)
-    return value
+    return _map_leaves(value, _TensorSlot, make)
 
 
 def broadcast_state(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None, root_rank: int = 0) -> None:

@@ -44,6 +44,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from hvd_largebatch.dual_bn_routing import routed_to_auxiliary
+
 __all__ = [
     "DualBatchNorm1d",
     "DualBatchNorm2d",
@@ -222,12 +224,5 @@ def auxiliary_bn(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
             without dual layers is accepted and left unchanged).
         enabled: whether to switch to the auxiliary statistics.
     """
-    layers = dual_bn_layers(model) if enabled else []
-    previous = [layer.use_auxiliary for layer in layers]
-    for layer in layers:
-        layer.use_auxiliary = True
-    try:
+    with routed_to_auxiliary(dual_bn_layers(model) if enabled else []):
         yield model
-    finally:
-        for layer, value in zip(layers, previous):
-            layer.use_auxiliary = value

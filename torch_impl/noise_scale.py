@@ -52,7 +52,7 @@ def _sq_norm(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor, dtype=dtype).to(torch.float64).square()
 
 
-class NoiseScaleMonitor:
+class NoiseScaleMonitor(_core.MonitorReadings):
     """Measures the gradient noise scale ``B_simple`` of a loop that trains with a Horovod ``DistributedOptimizer``.
 
     McCandlish et al. 2018 (appendix A): ``|G_s|^2`` is the mean over the
@@ -241,31 +241,7 @@ class NoiseScaleMonitor:
         self._local_allreduce = None
 
     # ---------------------------------------------------------------- results
-    @property
-    def b_simple(self) -> float:
-        """``B_simple = EMA(S) / EMA(G2)``; nan until both averages are positive."""
-        return self.estimator.b_simple
-
-    @property
-    def g2(self) -> float:
-        """Bias-corrected EMA of the unbiased ``|G|^2`` estimates."""
-        return self.estimator.g2
-
-    @property
-    def s(self) -> float:
-        """Bias-corrected EMA of the unbiased ``tr(Sigma)`` estimates."""
-        return self.estimator.s
-
-    @property
-    def raw_g2(self) -> float:
-        """The last single-step ``G2`` (noisy; may be negative)."""
-        return self.estimator.raw_g2
-
-    @property
-    def raw_s(self) -> float:
-        """The last single-step ``S`` (noisy)."""
-        return self.estimator.raw_s
-
+    # b_simple, g2, s, raw_g2, raw_s and advice() come from the core's MonitorReadings.
     @property
     def global_batch(self) -> int:
         """Examples behind one update: ``b_B``."""
@@ -276,10 +252,6 @@ class NoiseScaleMonitor:
         if not self.per_tensor:
             raise ValueError("per_tensor_values() needs NoiseScaleMonitor(..., per_tensor=True)")
         return self.estimator.per_tensor()
-
-    def advice(self) -> str:
-        """The measured ``B_simple`` against this run's global batch, as a sentence."""
-        return self.estimator.advice(self.global_batch)
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state (JSON-able) for a checkpoint."""

@@ -1,8 +1,7 @@
 """``create_optimizer(name, params, **kwargs)``: every optimizer of the package by name (LARC is a setting of LARS).
 
-The names and the settings each name fixes come from the core registry
-:data:`hvd_largebatch.config.OPTIMIZERS`; this module only maps each core
-record type to the torch class that implements it.
+What each name means is the core registry's (:data:`hvd_largebatch.config.OPTIMIZERS`);
+:func:`hvd_largebatch.config.optimizer_classes` finds the torch class of each record.
 """
 
 from __future__ import annotations
@@ -19,13 +18,8 @@ from hvd_largebatch.torch_impl.sgd import SGD
 
 __all__ = ["create_optimizer", "OPTIMIZER_CLASSES"]
 
-#: Core record type -> the torch class that implements it (the same table as ``hvd_largebatch.tf``'s).
-OPTIMIZER_CLASSES: dict[type, type[LargeBatchOptimizer]] = {
-    config.SGDConfig: SGD,
-    config.LARSConfig: LARS,
-    config.CLARSConfig: CLARS,
-    config.LAMBConfig: LAMB,
-}
+#: Core record type -> the torch class that implements it.
+OPTIMIZER_CLASSES: dict[type, type[LargeBatchOptimizer]] = config.optimizer_classes(SGD, LARS, CLARS, LAMB)
 
 
 def create_optimizer(name: str, params: Any, **kwargs: Any) -> LargeBatchOptimizer:

@@ -30,7 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hvd_largebatch.bench.data import MNIST1D, ShardedBatches, shard_of
+from hvd_largebatch.bench.cell_runner import HorovodRunner, framework_versions, start_run, study_splits
+from hvd_largebatch.bench.data import MNIST1D, ShardedBatches
 from hvd_largebatch.bench.keras_model import mnist1d_convnet
 from hvd_largebatch.bench.recipes import CellPlan
 from hvd_largebatch.bench.run_monitor import RunMonitor
@@ -167,16 +168,12 @@ def train_cell(
     end. The Keras runner does not measure the gradient noise scale (its
     gradients are averaged inside the optimizer's ``apply``).
 
-    Returns:
-        :meth:`RunMonitor.result`, plus ``seconds``, ``skipped_steps`` and ``framework_versions``.
-
-    Raises:
-        ValueError: when ``plan`` was made for another world size or is not a study run.
+    Returns and raises as the PyTorch runner's ``train_cell`` (the result of
+    :meth:`RunMonitor.result`; a ``ValueError`` from
+    :func:`~hvd_largebatch.bench.cell_runner.start_run` for a plan made for another world size).
     """
     rank, size = hvd.rank(), hvd.size()
-    if plan.world_size != size:
-        raise ValueError(f"plan.world_size={plan.world_size} but Horovod runs {size} processes")
-    monitor = RunMonitor(plan)
+    monitor = start_run(plan, rank, size)
     monitor.noise = None
     keras.utils.set_random_seed(plan.seed)
     model = mnist1d_convnet(seed=plan.seed)
@@ -204,10 +201,7 @@ def train_cell(
         lr_callback: keras.callbacks.Callback = GradualWarmupCallback(schedule)
     else:
         lr_callback = LearningRateScheduleCallback(schedule)
-    validation = plan.study["validation_size"]
-    x_train, y_train = data.x_train[:-validation], data.y_train[:-validation]
-    x_val = shard_of(data.x_train[-validation:], rank, size)
-    y_val = shard_of(data.y_train[-validation:], rank, size)
+    x_train, y_train, x_val, y_val, x_test, y_test = study_splits(plan, data, rank, size)
     shards = ShardedBatches(len(x_train), plan.global_batch, rank, size, plan.seed)
     study_callback = StudyMonitorCallback(monitor, x_val, y_val, hvd, inner)
     started = time.perf_counter()
@@ -217,43 +211,27 @@ def train_cell(
         verbose=0,
         callbacks=[BroadcastGlobalVariablesCallback(0), lr_callback, study_callback],
     )
-    test_loss, test_accuracy = evaluate(
-        model, shard_of(data.x_test, rank, size), shard_of(data.y_test, rank, size), hvd
-    )
+    test_loss, test_accuracy = evaluate(model, x_test, y_test, hvd)
     return monitor.result(
         test_loss, test_accuracy,
         seconds=time.perf_counter() - started,
         skipped_steps=int(keras.ops.convert_to_numpy(getattr(inner, "skipped_steps", 0))),
-        framework_versions={
-            "tensorflow": tf.__version__, "keras": keras.__version__, "horovod": _horovod_version(),
-            "numpy": np.__version__,
-        },
+        framework_versions=framework_versions(tensorflow=tf.__version__, keras=keras.__version__),
     )
 
 
-def _horovod_version() -> str:
-    import horovod
+def _train_fresh_cell(
+    plan: CellPlan, data: MNIST1D, hvd: Any, on_epoch: Callable[[Mapping[str, Any]], None] | None
+) -> dict[str, Any]:
+    keras.backend.clear_session()  # each cell starts from a fresh graph state
+    return train_cell(plan, data, hvd, on_epoch)
 
-    return horovod.__version__
 
-
-class HorovodCellRunner:
+class HorovodCellRunner(HorovodRunner):
     """The cell runner :mod:`hvd_largebatch.bench.worker` uses: threads, ``hvd.init()``, broadcast, :func:`train_cell`."""
 
     def __init__(self) -> None:
         configure_threads()
         import horovod.tensorflow as hvd
 
-        hvd.init()
-        self.hvd = hvd
-        self.rank = hvd.rank()
-        self.size = hvd.size()
-
-    def broadcast_object(self, value: Any) -> Any:
-        return self.hvd.broadcast_object(value, root_rank=0, name="hvd_largebatch_bench_job")
-
-    def run_cell(
-        self, plan: CellPlan, data: MNIST1D, on_epoch: Callable[[Mapping[str, Any]], None] | None
-    ) -> dict[str, Any]:
-        keras.backend.clear_session()  # each cell starts from a fresh graph state
-        return train_cell(plan, data, self.hvd, on_epoch)
+        super().__init__(hvd, _train_fresh_cell, broadcast_name="hvd_largebatch_bench_job")

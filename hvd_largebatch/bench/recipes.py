@@ -297,17 +297,18 @@ class CellPlan:
     def key(self) -> str:
         """The run's identity in results.json: ``framework:method:global_batch``, plus
         ``:phase:trial:seed`` for a run of the study."""
-        base = f"{self.framework}:{self.method}:{self.global_batch}"
-        if self.study is None:
-            return base
-        return f"{base}:{self.study['phase']}:{self.study['trial']}:{self.seed}"
+        return self._identity(":", batch="", seed="")
 
     @property
     def label(self) -> str:
-        base = f"{self.framework} {self.method} batch {self.global_batch}"
-        if self.study is None:
-            return base
-        return f"{base} {self.study['phase']} {self.study['trial']} seed {self.seed}"
+        """The key for people: ``framework method batch B``, plus ``phase trial seed S``."""
+        return self._identity(" ", batch="batch ", seed="seed ")
+
+    def _identity(self, separator: str, batch: str, seed: str) -> str:
+        parts = [self.framework, self.method, f"{batch}{self.global_batch}"]
+        if self.study is not None:
+            parts += [str(self.study["phase"]), str(self.study["trial"]), f"{seed}{self.seed}"]
+        return separator.join(parts)
 
     @property
     def total_steps(self) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 
 from hvd_largebatch.bench.atomic_file import write_json_atomically
 from hvd_largebatch.bench.recipes import METHOD_NAMES
-from hvd_largebatch.bench.results import ResultsStore
+from hvd_largebatch.bench.results import ResultsStore, finite_or_none
 from hvd_largebatch.bench.run_monitor import target_key
 from hvd_largebatch.bench.scaling_fit import fit_critical_batch, predicted_steps
 from hvd_largebatch.bench.tuning import best_trial
@@ -447,7 +447,7 @@ def write_reports(store: ResultsStore) -> str:
     records = store.records
     trials = (store.settings or {}).get("search", {}).get("trials")
     analysis = analyse(records, trials)
-    write_json_atomically(out / SUMMARY_FILE, _finite(analysis))
+    write_json_atomically(out / SUMMARY_FILE, finite_or_none(analysis))
     write_csv(records, out / CSV_FILE)
     text = format_table(analysis, store.commands)
     (out / TABLE_FILE).write_text(text)
@@ -457,11 +457,3 @@ def write_reports(store: ResultsStore) -> str:
     return text
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

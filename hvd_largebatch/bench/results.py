@@ -38,6 +38,7 @@ __all__ = [
     "RUN_DIRECTORY",
     "ResultsStore",
     "FailureMarkers",
+    "finite_or_none",
 ]
 
 RESULTS_FORMAT = 1
@@ -45,14 +46,14 @@ RESULTS_FILE = "results.json"
 RUN_DIRECTORY = "_run"
 
 
-def _finite_or_none(value: Any) -> Any:
-    """``value`` with every NaN/Inf float replaced by None (results.json stays strict JSON)."""
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN/Inf float replaced by None (results.json and summary.json stay strict JSON)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     return value
 
 
@@ -154,7 +155,7 @@ class ResultsStore:
         record = {
             "key": plan.key,
             "plan": json.loads(json.dumps(plan.to_config())),
-            "result": _finite_or_none(json.loads(json.dumps(dict(result)))),
+            "result": finite_or_none(json.loads(json.dumps(dict(result)))),
             "finished_at": _now(),
         }
         self._data["cells"] = [r for r in self._data["cells"] if r["key"] != plan.key] + [record]

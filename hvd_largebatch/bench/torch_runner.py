@@ -25,13 +25,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hvd_largebatch.bench.data import MNIST1D, ShardedBatches, shard_of
+from hvd_largebatch.bench.cell_runner import HorovodRunner, framework_versions, start_run, study_splits
+from hvd_largebatch.bench.data import MNIST1D, ShardedBatches
 from hvd_largebatch.bench.recipes import CellPlan
-from hvd_largebatch.bench.run_monitor import RunMonitor
 from hvd_largebatch.bench.torch_model import MNIST1DConvNet
 from hvd_largebatch.torch_impl import (
     DistributedOptimizer,
@@ -109,9 +108,7 @@ def train_cell(
         ValueError: when ``plan`` was made for another world size or is not a study run.
     """
     rank, size = hvd.rank(), hvd.size()
-    if plan.world_size != size:
-        raise ValueError(f"plan.world_size={plan.world_size} but Horovod runs {size} processes")
-    monitor = RunMonitor(plan)
+    monitor = start_run(plan, rank, size)
     torch.manual_seed(plan.seed)
     model = MNIST1DConvNet()
     if plan.conadv is not None and plan.conadv["dual_bn"]:
@@ -142,12 +139,7 @@ def train_cell(
 
         hooks = [p.register_hook(add_local) for p in model.parameters() if p.requires_grad]
 
-    validation = plan.study["validation_size"]
-    x_all, y_all = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    x_train, y_train = x_all[:-validation], y_all[:-validation]
-    x_val = shard_of(x_all[-validation:].numpy(), rank, size)
-    y_val = shard_of(y_all[-validation:].numpy(), rank, size)
-    x_val, y_val = torch.from_numpy(x_val), torch.from_numpy(y_val)
+    x_train, y_train, x_val, y_val, x_test, y_test = map(torch.from_numpy, study_splits(plan, data, rank, size))
     shards = ShardedBatches(len(x_train), plan.global_batch, rank, size, plan.seed)
     skipped_before = int(getattr(optimizer, "skipped_steps", 0))
 
@@ -195,37 +187,19 @@ def train_cell(
             conadv.close()
         for hook in hooks:
             hook.remove()
-    test = [torch.from_numpy(shard_of(a, rank, size)) for a in (data.x_test, data.y_test)]
-    test_loss, test_accuracy = evaluate(model, test[0], test[1], hvd)
+    test_loss, test_accuracy = evaluate(model, x_test, y_test, hvd)
     return monitor.result(
         test_loss, test_accuracy,
         seconds=time.perf_counter() - started,
         skipped_steps=int(getattr(optimizer, "skipped_steps", 0)),
-        framework_versions={"torch": torch.__version__, "horovod": _horovod_version(), "numpy": np.__version__},
+        framework_versions=framework_versions(torch=torch.__version__),
     )
 
 
-def _horovod_version() -> str:
-    import horovod
-
-    return horovod.__version__
-
-
-class HorovodCellRunner:
+class HorovodCellRunner(HorovodRunner):
     """The cell runner :mod:`hvd_largebatch.bench.worker` uses: ``hvd.init()``, broadcast, :func:`train_cell`."""
 
     def __init__(self) -> None:
         import horovod.torch as hvd
 
-        hvd.init()
-        self.hvd = hvd
-        self.rank = hvd.rank()
-        self.size = hvd.size()
-
-    def broadcast_object(self, value: Any) -> Any:
-        return self.hvd.broadcast_object(value, root_rank=0, name="hvd_largebatch.bench.job")
-
-    def run_cell(
-        self, plan: CellPlan, data: MNIST1D, on_epoch: Callable[[Mapping[str, Any]], None] | None
-    ) -> dict[str, Any]:
-        return train_cell(plan, data, self.hvd, on_epoch)
+        super().__init__(hvd, train_cell, broadcast_name="hvd_largebatch.bench.job")

@@ -218,6 +218,9 @@ BAD_INPUTS = [
     ("noise update shapes differ", lambda: noise_scale.NoiseScaleEstimator(8, 16).update([1.0, 2.0], [1.0], 0), "big_sq_norms"),
     ("noise advice zero batch", lambda: noise_scale.advice(100.0, 0), "global_batch"),
     ("noise oracle groups", lambda: noise_scale.exact_estimates_from_per_example_gradients(np.ones((6, 2)), 4), "small_batch"),
+    # ---- records built from a framework's arguments, framework class tables
+    ("conadv from arguments", lambda: config.ConAdvConfig.from_arguments({"epsilon": -1.0, "model": None}), "epsilon"),
+    ("optimizer classes missing one", lambda: config.optimizer_classes(type("SGD", (), {})), "classes"),
 ]
 
 

@@ -5,19 +5,12 @@ Also runs the docstring examples of the core modules, so they stay true.
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
+from docstring_examples import check_docstring_examples
+from framework_blocker import run_blocked
 
-REPO = Path(__file__).resolve().parents[2]
-BLOCKED = ("torch", "tensorflow", "keras", "horovod", "jax", "tf_keras")
 CORE_MODULES = [
     "hvd_largebatch.schedules",
     "hvd_largebatch.config",
@@ -26,36 +19,8 @@ CORE_MODULES = [
     "hvd_largebatch.cli",
     "hvd_largebatch.elastic_schedule",
     "hvd_largebatch.elastic_data",
+    "hvd_largebatch.dual_bn_routing",
 ]
-
-# Installed before anything else in a fresh interpreter: any import of a blocked
-# package (or of one of its submodules) raises ImportError, and is recorded.
-BLOCKER = textwrap.dedent(
-    f"""
-    import importlib.abc, sys
-    BLOCKED = {BLOCKED!r}
-    attempts = []
-    class FrameworkBlocker(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                attempts.append(name)
-                raise ImportError(f"{{name}} is blocked: the hvd_largebatch core must not import it")
-            return None
-    sys.meta_path.insert(0, FrameworkBlocker())
-    """
-)
-
-
-def run_blocked(body: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKER + textwrap.dedent(body)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(REPO),
-        timeout=60,
-    )
 
 
 def test_blocker_really_blocks():
@@ -94,8 +59,6 @@ def test_core_imports_and_cli_runs_with_frameworks_blocked():
 
 @pytest.mark.parametrize("module_name", CORE_MODULES + ["hvd_largebatch.schedule_command"])
 def test_docstring_examples(module_name):
-    module = importlib.import_module(module_name)
-    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert failures == 0
-    if module_name not in ("hvd_largebatch.cli", "hvd_largebatch.schedule_command"):
-        assert tried > 0, f"{module_name} has no runnable example"
+    check_docstring_examples(
+        module_name, require_example=module_name not in ("hvd_largebatch.cli", "hvd_largebatch.schedule_command")
+    )

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from framework_blocker import REPO, run_blocked
 
-REPO = Path(__file__).resolve().parents[2]
-BLOCKED = ("torch", "tensorflow", "keras", "horovod", "jax", "tf_keras")
 APP = "hvd_largebatch.bench"
 #: The app's modules that import a framework: loaded by the worker by name, never at package import.
 APP_FRAMEWORK_MODULES = {"torch_runner", "keras_runner", "torch_model", "keras_model"}
@@ -104,29 +100,17 @@ def test_examples_use_only_the_public_library():
 def test_core_and_bench_app_import_with_frameworks_blocked():
     modules = ["hvd_largebatch", APP, *app_framework_free_modules(), "hvd_largebatch.cli"]
     assert f"{APP}.plan" in modules and f"{APP}.worker" in modules
-    blocker = textwrap.dedent(
+    result = run_blocked(
         f"""
-        import importlib, importlib.abc, json, sys
-        BLOCKED = {BLOCKED!r}
-        attempts = []
-        class FrameworkBlocker(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    attempts.append(name)
-                    raise ImportError(f"{{name}} is blocked")
-                return None
-        sys.meta_path.insert(0, FrameworkBlocker())
+        import importlib, json
         for name in {modules!r}:
             importlib.import_module(name)
         parser = importlib.import_module("hvd_largebatch.cli").build_parser()
         parser.parse_args(["bench", "--framework", "keras", "--epochs", "1"])
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({{"attempts": attempts, "loaded": loaded}}))
-        """
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    result = subprocess.run(
-        [sys.executable, "-c", blocker], capture_output=True, text=True, env=env, cwd=str(REPO), timeout=120
+        """,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"attempts": [], "loaded": []}

@@ -8,6 +8,9 @@ import pytest
 import tensorflow as tf
 
 import keras
+from conadv_reference import ATTACK, BATCH, CLASSES, DIM, LR, STEPS, reference_conadv
+from conadv_reference import problem as _problem
+from conadv_reference import reference_attack as _reference_attack
 from hvd_largebatch.config import ConAdvConfig
 from hvd_largebatch.tf.conadv import ConAdv, _random_wrong_labels
 from hvd_largebatch.tf.dual_bn import (
@@ -17,57 +20,14 @@ from hvd_largebatch.tf.dual_bn import (
     convert_to_dual_bn,
 )
 
-DIM, CLASSES, BATCH, STEPS, LR = 6, 3, 8, 8, 0.5
-ATTACK = dict(epsilon=0.3, step_size=0.2, attack_iters=2, adv_weight=0.7, input_range=(-1.0, 1.0))
-
-
-# ---------------------------------------------------------------------------------------------
-# NumPy float64 reference of ConAdv on a linear softmax model with plain SGD (Keras kernel = W^T).
-# ---------------------------------------------------------------------------------------------
-def _softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _ce_grads(W, b, x, y):
-    residual = _softmax(x @ W.T + b)
-    residual[np.arange(len(y)), y] -= 1.0
-    residual /= len(y)
-    return residual @ W, residual.T @ x, residual.sum(axis=0)
-
-
-def _reference_attack(W, b, x, y, eps, alpha, iters, input_range):
-    x_adv = x.copy()
-    for _ in range(iters):
-        gx, _, _ = _ce_grads(W, b, x_adv, y)
-        x_adv = np.clip(x_adv + alpha * np.sign(gx), x - eps, x + eps)
-        if input_range is not None:
-            x_adv = np.clip(x_adv, *input_range)
-    return x_adv
-
 
 def _reference_conadv(W, b, batches, tau, average=False):
-    """Untargeted, no random start; batch t is attacked from theta_{t-tau} (theta_t for t < tau)."""
-    scale = 1 / (1 + ATTACK["adv_weight"]) if average else 1.0
-    thetas = [(W.copy(), b.copy())]
-    for t, (x, y) in enumerate(batches):
-        W_att, b_att = thetas[t - tau] if t >= tau else thetas[t]
-        x_adv = _reference_attack(W_att, b_att, x, y, ATTACK["epsilon"], ATTACK["step_size"], ATTACK["attack_iters"], ATTACK["input_range"])
-        _, gW_clean, gb_clean = _ce_grads(W, b, x, y)
-        _, gW_adv, gb_adv = _ce_grads(W, b, x_adv, y)
-        W = W - LR * scale * (gW_clean + ATTACK["adv_weight"] * gW_adv)
-        b = b - LR * scale * (gb_clean + ATTACK["adv_weight"] * gb_adv)
-        thetas.append((W.copy(), b.copy()))
+    """The shared reference's weights with this file's ``ATTACK``."""
+    thetas, _ = reference_conadv(
+        W, b, batches, tau, ATTACK["epsilon"], ATTACK["step_size"], ATTACK["attack_iters"], ATTACK["adv_weight"],
+        ATTACK["input_range"], average,
+    )
     return thetas
-
-
-def _problem(seed=0):
-    rng = np.random.default_rng(seed)
-    W = rng.normal(size=(CLASSES, DIM))
-    b = rng.normal(size=CLASSES) * 0.1
-    batches = [(rng.uniform(-1, 1, size=(BATCH, DIM)), rng.integers(0, CLASSES, size=BATCH)) for _ in range(STEPS)]
-    return W, b, batches
 
 
 class _RecordWeights(keras.callbacks.Callback):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
+from docstring_examples import check_docstring_examples
 
 MODULES = [
     "sgd", "lars", "clars", "lamb", "optimizer_factory", "warmup_scheduler", "per_example_norms",
@@ -14,7 +12,4 @@ MODULES = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    module = importlib.import_module(f"hvd_largebatch.torch_impl.{name}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0, f"{name} has no example"
-    assert result.failed == 0
+    check_docstring_examples(f"hvd_largebatch.torch_impl.{name}")
