@@ -92,7 +92,7 @@ def _check_path_switches(group: Mapping[str, Any]) -> None:
 
 
 def constructor_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """A subclass constructor's ``locals()`` as its group defaults: every argument but ``params`` and the exclusion rules.
+    """A constructor's ``locals()`` as its group defaults: every argument but ``params`` and the exclusion rules.
 
     Each optimizer's signature names its hyperparameters once; this turns
     them into the ``defaults`` of :class:`torch.optim.Optimizer` without
