@@ -1,17 +1,33 @@
-"""Optimizer step time on ResNet-50's parameter shapes, and the per-step cost of CLARS's exact per-example norms.
+"""Optimizer step time on ResNet-50's parameter shapes against the memory-bandwidth floor, and CLARS's per-step cost.
 
 Usage::
 
-    .venv/bin/python benchmarks/torch_optimizers.py [--rounds 25] [--threads 1]
+    .venv/bin/python benchmarks/torch_optimizers.py [--rounds 25] [--threads 1] [--clock process|wall]
 
 Part 1 builds ResNet-50's 161 parameter tensors (25,557,032 float32 values;
 shapes written out below, as torchvision's ``resnet50``) with fixed random
 gradients, one copy per optimizer, and times ``step()`` round-robin (one step
 of each optimizer per round, so machine noise hits all alike), reporting
-medians from one run and the ratios the PyTorch issue targets:
-LARS / LARC against ``torch.optim.SGD(momentum=0.9, weight_decay=1e-4)``
-(the faster of its foreach and for-loop implementations) and LAMB against
-``torch.optim.AdamW`` (also the faster of the two).
+medians from one run. In the same rounds it times ``torch.add(a, b, out=c)``
+on three flat tensors of the same total size: that moves three model-sized
+arrays (two reads, one write), so one *pass* (one read or one write of a
+model-sized array) costs a third of it. An optimizer's floor is its pass
+count times that:
+
+* package SGD: 6 passes (the non-finite check reads ``g``; the update reads
+  ``w``, ``g``, ``v`` and writes ``v``, ``w``);
+* LARS / LARC: 7 (the norms read ``g`` and ``w``, which the non-finite check
+  reuses; the update reads ``w``, ``g``, ``v`` and writes ``v``, ``w``);
+* LAMB: 11 (the check reads ``g``; the moments and both norms read ``g``,
+  ``mu``, ``nu``, ``w`` and write ``mu``, ``nu``; the weight update reads
+  ``w``, ``mu``, ``nu`` and writes ``w``);
+* torch SGD: 5 and torch AdamW: 7 (no norms, no check).
+
+It prints each optimizer's time, floor and ratio, and the package's LARS
+against ``torch.optim.SGD(momentum=0.9, weight_decay=1e-4)`` on each of
+torch's paths (foreach, for-loop, fused). Each package optimizer runs on
+its default path (``fused`` where torch's fused SGD kernel computes its
+rule, else ``foreach``; LAMB has no fused path) and on the other paths.
 
 Part 2 times one training step (forward, backward, optimizer step) of a small
 1-D CNN with BatchNorm at batch 128 with LARS, and with CLARS measuring
@@ -23,7 +39,8 @@ both frameworks).
 Times are the process's CPU time per step by default (``--clock process``):
 with one intra-op thread that equals the wall time on an idle machine and
 stays meaningful on a shared one, where other jobs inflate wall times
-(``--clock wall`` measures those instead).
+(``--clock wall`` measures those instead). The header prints the threads
+and the machine's load average.
 
 Speed is measured here and reported as ratios, never asserted in tests.
 """
@@ -31,14 +48,16 @@ Speed is measured here and reported as ratios, never asserted in tests.
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
+import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from hvd_largebatch.torch_impl import CLARS, LAMB, LARS
+from hvd_largebatch.torch_impl import CLARS, LAMB, LARS, SGD
 
 CLOCKS = {"process": time.process_time, "wall": time.perf_counter}
 clock = CLOCKS["process"]
@@ -222,36 +241,50 @@ def resnet50_tensors(seed: int = 0) -> tuple[list[tuple[str, torch.Tensor]], lis
     return weights, grads
 
 
-def optimizer_factories() -> dict[str, object]:
-    """Name -> callable(named params) -> optimizer."""
+#: The floor's operation: three model-sized arrays moved (two reads, one write).
+FLOOR = "torch.add (floor)"
+ADD_PASSES = 3
+
+
+def optimizer_factories() -> dict[str, tuple[int, object]]:
+    """Name -> (passes of the floor, callable(named params) -> optimizer)."""
+    torch_sgd = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    plain = lambda p: [t for _, t in p]  # noqa: E731 - torch's optimizers take bare tensors here
     return {
-        "torch SGD foreach": lambda p: torch.optim.SGD([t for _, t in p], lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True),
-        "torch SGD for-loop": lambda p: torch.optim.SGD([t for _, t in p], lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False),
-        "torch AdamW foreach": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, weight_decay=0.01, foreach=True),
-        "torch AdamW for-loop": lambda p: torch.optim.AdamW([t for _, t in p], lr=1e-3, weight_decay=0.01, foreach=False),
-        "LARS foreach": lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True),
-        "LARS single-tensor": lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False),
-        "LARC foreach": lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, clip=True, foreach=True),
-        "LAMB foreach": lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, foreach=True),
-        "LAMB single-tensor": lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, foreach=False),
+        "torch SGD foreach": (5, lambda p: torch.optim.SGD(plain(p), **torch_sgd, foreach=True)),
+        "torch SGD for-loop": (5, lambda p: torch.optim.SGD(plain(p), **torch_sgd, foreach=False)),
+        "torch SGD fused": (5, lambda p: torch.optim.SGD(plain(p), **torch_sgd, fused=True)),
+        "torch AdamW foreach": (7, lambda p: torch.optim.AdamW(plain(p), lr=1e-3, weight_decay=0.01, foreach=True)),
+        "torch AdamW fused": (7, lambda p: torch.optim.AdamW(plain(p), lr=1e-3, weight_decay=0.01, fused=True)),
+        "SGD": (6, lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+        "SGD foreach": (6, lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=False)),
+        "LARS": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+        "LARS foreach": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=False)),
+        "LARS single-tensor": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=False,
+                                                 foreach=False)),
+        "LARC": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, clip=True)),
+        "LAMB": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01)),
+        "LAMB single-tensor": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, foreach=False)),
     }
 
 
 def time_optimizer_steps(rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per ``step()`` of every optimizer, measured round-robin."""
+    """Median seconds per ``step()`` of every optimizer and of the floor's ``torch.add``, measured round-robin."""
     weights, grads = resnet50_tensors()
     assert len(weights) == 161 and sum(t.numel() for _, t in weights) == RESNET50_PARAMETERS
-    optimizers = {}
-    for name, factory in optimizer_factories().items():
+    steps = {}
+    for name, (_, factory) in optimizer_factories().items():
         params = [(n, torch.nn.Parameter(t.clone())) for n, t in weights]
         for (_, p), g in zip(params, grads):
             p.grad = g.clone()
-        optimizers[name] = factory(params)
-    samples: dict[str, list[float]] = {name: [] for name in optimizers}
+        steps[name] = factory(params).step
+    a, b, c = (torch.randn(RESNET50_PARAMETERS) for _ in range(3))
+    steps[FLOOR] = lambda: torch.add(a, b, out=c)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(warmup + rounds):
-        for name, opt in optimizers.items():
+        for name, step in steps.items():
             start = clock()
-            opt.step()
+            step()
             elapsed = clock() - start
             if round_index >= warmup:
                 samples[name].append(elapsed)
@@ -310,19 +343,25 @@ def main() -> None:
     global clock
     clock = CLOCKS[args.clock]
 
+    load_before = os.getloadavg()[0]
     times = time_optimizer_steps(args.rounds)
-    sgd = min(times["torch SGD foreach"], times["torch SGD for-loop"])
-    adamw = min(times["torch AdamW foreach"], times["torch AdamW for-loop"])
-    print(f"ResNet-50 shapes: 161 tensors, {RESNET50_PARAMETERS:,} float32 parameters; "
-          f"median of {args.rounds} steps, {args.threads} thread(s), {args.clock} time")
-    print(f"{'optimizer':<24} {'ms/step':>9} {'vs SGD':>8} {'vs AdamW':>9}")
-    for name, seconds in times.items():
-        print(f"{name:<24} {seconds * 1e3:9.2f} {seconds / sgd:8.2f} {seconds / adamw:9.2f}")
-    lars = min(times["LARS foreach"], times["LARS single-tensor"])
-    lamb = min(times["LAMB foreach"], times["LAMB single-tensor"])
-    print(f"targets: LARS/SGD = {times['LARS foreach'] / sgd:.2f} (foreach; <= 1.45), "
-          f"LARC/SGD = {times['LARC foreach'] / sgd:.2f}, LAMB/AdamW = {times['LAMB foreach'] / adamw:.2f} (foreach; <= 1.5); "
-          f"best paths: LARS {lars / sgd:.2f}, LAMB {lamb / adamw:.2f}")
+    one_pass = times[FLOOR] / ADD_PASSES
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+          f"{args.threads} thread(s), {args.clock} time, load average {load_before:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after part 1 on {os.cpu_count()} CPUs")
+    print(f"ResNet-50 shapes: 161 tensors, {RESNET50_PARAMETERS:,} float32 parameters; median of {args.rounds} steps")
+    print(f"floor: torch.add(a, b, out=c) over {RESNET50_PARAMETERS:,} values = {times[FLOOR] * 1e3:.2f} ms "
+          f"for {ADD_PASSES} passes, one pass = {one_pass * 1e3:.2f} ms")
+    print(f"{'optimizer':<22} {'ms/step':>9} {'passes':>7} {'floor ms':>9} {'/floor':>7}")
+    floors = {}
+    for name, (passes, _) in optimizer_factories().items():
+        floors[name] = times[name] / (passes * one_pass)
+        print(f"{name:<22} {times[name] * 1e3:9.2f} {passes:7d} {passes * one_pass * 1e3:9.2f} {floors[name]:7.2f}")
+    print(f"targets: SGD {floors['SGD']:.2f}x its floor (<= 1.25), LARS {floors['LARS']:.2f}x (<= 1.25), "
+          f"LARC {floors['LARC']:.2f}x (<= 1.25), LAMB {floors['LAMB']:.2f}x (<= 1.3)")
+    print("LARS / torch SGD: " + ", ".join(
+        f"{path} {times['LARS'] / times['torch SGD ' + path]:.2f}" for path in ("foreach", "for-loop", "fused")
+    ) + " (target: below 1 against foreach)")
 
     overhead = time_clars_overhead(max(5, args.rounds // 2))
     base = overhead["LARS"]

@@ -9,7 +9,7 @@ import torch
 
 from hvd_largebatch import config
 from hvd_largebatch.torch_impl.momentum_optimizer import MomentumOptimizer
-from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, GroupWork
+from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, GroupWork, constructor_defaults
 from hvd_largebatch.torch_impl.per_example_norms import LossFn, loss_and_grad_norm_sums, per_example_grad_norm_sums
 
 __all__ = ["CLARS"]
@@ -68,7 +68,7 @@ class CLARS(MomentumOptimizer):
     Args:
         params, lr, momentum, weight_decay, trust_coefficient, eps, nesterov,
         clip, momentum_correction, exclude_from_weight_decay,
-        exclude_from_layer_adaptation, foreach, nonfinite: as :class:`LARS`.
+        exclude_from_layer_adaptation, foreach, fused, nonfinite: as :class:`LARS`.
         estimator: ``"exact"`` or ``"microbatch:k"`` (k a positive integer).
         chunk_size: examples whose gradients the exact estimator holds at once.
 
@@ -105,28 +105,15 @@ class CLARS(MomentumOptimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
         nonfinite: str = _D.nonfinite,
         estimator: str = _D.estimator,
         chunk_size: int = _D.chunk_size,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            trust_coefficient=trust_coefficient,
-            eps=eps,
-            nesterov=nesterov,
-            clip=clip,
-            momentum_correction=momentum_correction,
-            nonfinite=nonfinite,
-            estimator=estimator,
-            chunk_size=chunk_size,
-            foreach=foreach,
-        )
         self._pending_sums: torch.Tensor | None = None
         self._pending_count = 0
         self._given_norms: dict[torch.Tensor, torch.Tensor] | None = None
-        super().__init__(params, defaults, exclude_from_weight_decay, exclude_from_layer_adaptation)
+        super().__init__(params, constructor_defaults(locals()), exclude_from_weight_decay, exclude_from_layer_adaptation)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

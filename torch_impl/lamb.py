@@ -11,7 +11,13 @@ from hvd_largebatch import config
 from hvd_largebatch.torch_impl import core_spelling
 from hvd_largebatch.torch_impl.lamb_functional import lamb_update
 from hvd_largebatch.torch_impl.mixed_precision import state_dtype
-from hvd_largebatch.torch_impl.optimizer_base import ADAPT_MASK, DECAY_MASK, GroupWork, LargeBatchOptimizer
+from hvd_largebatch.torch_impl.optimizer_base import (
+    ADAPT_MASK,
+    DECAY_MASK,
+    GroupWork,
+    LargeBatchOptimizer,
+    constructor_defaults,
+)
 
 __all__ = ["LAMB"]
 
@@ -43,8 +49,8 @@ class LAMB(LargeBatchOptimizer):
         eps: added to the square root (>= 0).
         weight_decay: ``beta`` (>= 0), decoupled from the moments but inside ``u``.
         exclude_from_weight_decay, exclude_from_layer_adaptation: as :class:`LARS`.
-        foreach: use the ``torch._foreach_*`` path (None: yes).
-        nonfinite: ``"skip"`` (default) or ``"raise"`` on a NaN/Inf gradient.
+        foreach, nonfinite: as :class:`~hvd_largebatch.torch_impl.optimizer_base.LargeBatchOptimizer`
+            (LAMB has no fused path: no torch kernel computes its rule).
 
     Raises:
         ValueError: naming the argument, for any value out of range.
@@ -74,9 +80,8 @@ class LAMB(LargeBatchOptimizer):
         foreach: bool | None = None,
         nonfinite: str = _D.nonfinite,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nonfinite=nonfinite, foreach=foreach)
         self._workspace: dict = {}  # reused temporaries of the foreach path, never saved
-        super().__init__(params, defaults, exclude_from_weight_decay, exclude_from_layer_adaptation)
+        super().__init__(params, constructor_defaults(locals()), exclude_from_weight_decay, exclude_from_layer_adaptation)
 
     def _record_kwargs(self, group: Mapping[str, Any]) -> dict[str, Any]:
         kwargs = super()._record_kwargs(group)

@@ -6,7 +6,7 @@ from typing import Any
 
 from hvd_largebatch import config
 from hvd_largebatch.torch_impl.momentum_optimizer import MomentumOptimizer
-from hvd_largebatch.torch_impl.optimizer_base import GroupWork
+from hvd_largebatch.torch_impl.optimizer_base import GroupWork, constructor_defaults
 
 __all__ = ["LARS"]
 
@@ -58,8 +58,7 @@ class LARS(MomentumOptimizer):
             bias/bn/batchnorm/norm), False (none), regexes on full names, or a
             callable ``(name, shape) -> bool`` (True = excluded).
         exclude_from_layer_adaptation: the same, for the trust ratio.
-        foreach: use the ``torch._foreach_*`` path (None: yes).
-        nonfinite: ``"skip"`` (default) or ``"raise"`` on a NaN/Inf gradient.
+        foreach, fused, nonfinite: as :class:`~hvd_largebatch.torch_impl.optimizer_base.LargeBatchOptimizer`.
 
     Raises:
         ValueError: naming the argument, for any value out of range.
@@ -93,21 +92,10 @@ class LARS(MomentumOptimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
         nonfinite: str = _D.nonfinite,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            trust_coefficient=trust_coefficient,
-            eps=eps,
-            nesterov=nesterov,
-            clip=clip,
-            momentum_correction=momentum_correction,
-            nonfinite=nonfinite,
-            foreach=foreach,
-        )
-        super().__init__(params, defaults, exclude_from_weight_decay, exclude_from_layer_adaptation)
+        super().__init__(params, constructor_defaults(locals()), exclude_from_weight_decay, exclude_from_layer_adaptation)
 
     def _resolve_rate_norms(self, work: list[GroupWork]) -> None:
         for group_work in work:

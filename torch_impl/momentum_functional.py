@@ -29,6 +29,19 @@ in place, so no temporary ``d`` is allocated (on a CPU an allocation per
 step costs more than the extra in-cache pass); the result differs from the
 oracle's ``rate*(g + beta*w)`` only by rounding.
 
+With ``fused=True`` the update of each tensor is one pass of torch's fused
+SGD kernel (``torch._fused_sgd_``: read ``w``, ``g``, ``v``, write ``v``,
+``w``) where that kernel computes exactly this rule: on a CPU, for float32
+and float64 tensors laid out alike, without Nesterov and with ``m*c != 0``.
+Its arguments are ``momentum = m*c``, ``weight_decay = beta`` (decayed
+tensors, else 0), ``dampening = 1 - rate``, ``lr = 1``, so it computes
+``v = (m*c)*v + (1 - (1 - rate)) * (g + beta*w)`` and ``w = w - v``; the
+rate then carries an absolute rounding error of at most 2**-53 (relative
+``1.1e-16 / rate``), the only difference from the foreach path besides the
+order of rounding. Tensors the kernel does not serve take the foreach (or
+single-tensor) path. The local rates of all tensors are one vectorised
+expression, read back as Python floats (a CPU tensor: no device sync).
+
 float16 and bfloat16 tensors are updated through float32 working copies
 with float32 velocities (:mod:`hvd_largebatch.torch_impl.mixed_precision`):
 the norms, rates and the velocity are float32 and the weight is rounded to
@@ -115,6 +128,7 @@ def momentum_update(
     clip: bool = False,
     foreach: bool = True,
     local_rates_out: list[torch.Tensor] | None = None,
+    fused: bool = False,
 ) -> None:
     """Applies one SGD/LARS/LARC/CLARS update in place to ``params`` and ``velocities``.
 
@@ -143,6 +157,8 @@ def momentum_update(
         local_rates_out: None, or a list with one slot per tensor that
             receives each tensor's local rate ``lambda`` as a 0-d tensor (for
             trust-ratio statistics; costs nothing when None).
+        fused: use torch's fused SGD kernel for the tensors it serves (see
+            the module doc); the others take the path ``foreach`` picks.
     """
     if not params:
         return
@@ -158,28 +174,98 @@ def momentum_update(
     if adapt is not None and grad_norms is None:
         grad_norms = tensor_norms(grads, foreach)
     _momentum_update(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms, local_rates_out,
-                     foreach, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                     foreach, fused, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                      trust_coefficient=trust_coefficient, eps=eps, clip=clip)
     write_back(targets, params)
 
 
 def _momentum_update(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms, local_rates_out,
-                     foreach, *, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+                     foreach, fused, *, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
     kwargs = dict(
         lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
         trust_coefficient=trust_coefficient, eps=eps, clip=clip,
     )
-    if not foreach:
+    if not foreach and not fused:
         _single_tensor(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms,
                        local_rates_out, **kwargs)
         return
     for bucket in group_by_device_and_dtype(params):
         pick = lambda seq: [seq[i] for i in bucket]  # noqa: E731 - local selector
-        _multi_tensor(
+        args = (
             pick(params), pick(grads), pick(velocities), pick(decay), pick(velocity_corrections),
             None if adapt is None else pick(adapt), None if grad_norms is None else pick(grad_norms),
-            local_rates_out, bucket, **kwargs,
+            local_rates_out, bucket,
         )
+        if fused and _fused_kernel_serves(params[bucket[0]], nesterov):
+            _fused(*args, foreach=foreach, **kwargs)
+        elif foreach:
+            _multi_tensor(*args, **kwargs)
+        else:
+            _single_tensor_at(*args, **kwargs)
+
+
+def _single_tensor_at(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions,
+                      **kwargs) -> None:
+    """:func:`_single_tensor` on one bucket, whose local rates go to ``positions`` of ``local_rates_out``."""
+    out = None if local_rates_out is None else [None] * len(params)
+    _single_tensor(params, grads, velocities, decay, corrections, adapt, grad_norms, out, **kwargs)
+    for position, rate in zip(positions, out or []):
+        local_rates_out[position] = rate
+
+
+def _fused_kernel_serves(example: torch.Tensor, nesterov: bool) -> bool:
+    """Whether torch's fused SGD kernel computes this package's rule for a bucket like ``example``."""
+    return (
+        not nesterov
+        and example.device.type == "cpu"
+        and example.dtype in (torch.float32, torch.float64)
+        and hasattr(torch, "_fused_sgd_")
+    )
+
+
+def _fused(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions, *,
+           foreach, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+    # One bucket (CPU, float32/float64, no Nesterov). Rates of every tensor first, as Python floats.
+    count = len(params)
+    if adapt is None:
+        rates = [float(lr)] * count
+    else:
+        device, dtype = params[0].device, params[0].dtype
+        adapt_all = torch.tensor(list(adapt), dtype=torch.bool, device=device)
+        local = lars_local_rates(
+            torch.stack(torch._foreach_norm(params)),
+            torch.stack([n.to(device=device, dtype=dtype) for n in grad_norms]),
+            adapt=adapt_all,
+            decay=torch.tensor(list(decay), dtype=torch.bool, device=device),
+            trust_coefficient=trust_coefficient,
+            weight_decay=weight_decay,
+            eps=eps,
+        )
+        rates = effective_rates(local, adapt=adapt_all, lr=lr, clip=clip).tolist()
+        if local_rates_out is not None:
+            for position, rate in zip(positions, local.unbind()):
+                local_rates_out[position] = rate
+    # Tensors sharing (m*c, beta_i, rate) go to the kernel in one call; the rest take the other path.
+    calls: dict[tuple[float, float, float], list[int]] = {}
+    rest: list[int] = []
+    for i, (w, g, v) in enumerate(zip(params, grads, velocities)):
+        scale = momentum * corrections[i]
+        if scale != 0 and w.is_contiguous() and g.is_contiguous() and v.is_contiguous():
+            calls.setdefault((scale, weight_decay if decay[i] else 0.0, rates[i]), []).append(i)
+        else:
+            rest.append(i)
+    for (scale, beta, rate), members in calls.items():
+        torch._fused_sgd_(
+            [params[i] for i in members], [grads[i] for i in members], [velocities[i] for i in members],
+            weight_decay=beta, momentum=scale, lr=1.0, dampening=1.0 - rate,
+            nesterov=False, maximize=False, is_first_step=False,
+        )
+    for i in rest:  # m*c == 0 (momentum 0, or an LR that dropped to 0), or tensors laid out differently
+        w, g, v = params[i], grads[i], velocities[i]
+        v.mul_(momentum * corrections[i]).add_(g, alpha=rates[i])
+        if decay[i] and weight_decay != 0:
+            v.add_(w, alpha=rates[i] * weight_decay)
+        w.sub_(v)
 
 
 def _single_tensor(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, *,

@@ -57,6 +57,7 @@ class MomentumOptimizer(LargeBatchOptimizer):
             clip=group.get("clip", False),
             foreach=self._foreach(group),
             local_rates_out=ratios_out,
+            fused=self._fused(group),
         )
         for p in work.params:
             self.state[p]["prev_lr"] = lr

@@ -52,7 +52,7 @@ from hvd_largebatch.torch_impl.distributed import horovod_rank
 from hvd_largebatch.torch_impl.mixed_precision import HALF_DTYPES, state_dtype
 from hvd_largebatch.torch_impl.tensor_lists import group_by_device_and_dtype, tensor_norms
 
-__all__ = ["LargeBatchOptimizer", "GroupWork"]
+__all__ = ["LargeBatchOptimizer", "GroupWork", "constructor_defaults"]
 
 DECAY_MASK = "decay_mask"
 ADAPT_MASK = "adapt_mask"
@@ -78,10 +78,27 @@ class GroupWork:
     rate_norms: list[torch.Tensor] | None = None
 
 
-def _check_foreach(value: Any) -> Any:
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"foreach must be None, True or False, got {value!r}")
-    return value
+#: The torch-only switches of the update path, each None (the default: on where it applies), True or False.
+PATH_SWITCHES = ("foreach", "fused")
+#: Constructor arguments that are not group hyperparameters.
+_NOT_DEFAULTS = frozenset({"self", "params", "exclude_from_weight_decay", "exclude_from_layer_adaptation", "__class__"})
+
+
+def _check_path_switches(group: Mapping[str, Any]) -> None:
+    for key in PATH_SWITCHES:
+        value = group.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{key} must be None, True or False, got {value!r}")
+
+
+def constructor_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A constructor's ``locals()`` as its group defaults: every argument but ``params`` and the exclusion rules.
+
+    Each optimizer's signature names its hyperparameters once; this turns
+    them into the ``defaults`` of :class:`torch.optim.Optimizer` without
+    writing each name a second time.
+    """
+    return {key: value for key, value in arguments.items() if key not in _NOT_DEFAULTS}
 
 
 def _is_named_pair(item: Any) -> bool:
@@ -136,6 +153,18 @@ def checked_params(params: Any) -> list:
 class LargeBatchOptimizer(torch.optim.Optimizer):
     """Base of :class:`SGD`, :class:`LARS`, :class:`CLARS` and :class:`LAMB`; not used directly.
 
+    The arguments every subclass shares:
+
+    * ``foreach``: run the update as ``torch._foreach_*`` ops over cache-sized
+      chunks (None, the default: yes; False: one tensor at a time).
+    * ``fused``: where torch's fused kernel computes the rule exactly (see
+      ``momentum_functional.py``), update each tensor in one pass of it
+      (None, the default: yes; False: never). float64 results equal those
+      of the other paths to rounding.
+    * ``nonfinite``: ``"skip"`` (default) or ``"raise"`` on a NaN/Inf gradient.
+
+    Every constructor raises ``ValueError`` naming the argument for a value out of range.
+
     Attributes:
         skipped_steps: steps skipped because a gradient was not finite (saved
             in ``state_dict()`` under ``"skipped_steps"``).
@@ -155,7 +184,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
     ) -> None:
-        _check_foreach(defaults.get("foreach"))
+        _check_path_switches(defaults)
         self._record_from_group(defaults)  # the constructor's own arguments, even if every group overrides them
         self._decay_rule = config.resolve_exclusion(exclude_from_weight_decay, "exclude_from_weight_decay")
         self._adapt_rule = (
@@ -223,7 +252,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             seen[id(tensor)] = place(name, g, i)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _check_foreach(group.get("foreach"))
+        _check_path_switches(group)
         self._write_record(group, self._record_from_group(group))
         first = self.param_groups[0]
         if group["nonfinite"] != first["nonfinite"]:
@@ -280,7 +309,12 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------
     @staticmethod
     def _foreach(group: Mapping[str, Any]) -> bool:
-        return True if group["foreach"] is None else group["foreach"]
+        return group.get("foreach") is not False
+
+    @staticmethod
+    def _fused(group: Mapping[str, Any]) -> bool:
+        """Whether the group uses torch's fused kernels where they compute its rule (``fused``: None or True)."""
+        return group.get("fused") is not False
 
     def _gather(self, group: dict[str, Any]) -> GroupWork:
         positions, params, grads = [], [], []

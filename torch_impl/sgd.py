@@ -6,6 +6,7 @@ from typing import Any
 
 from hvd_largebatch import config
 from hvd_largebatch.torch_impl.momentum_optimizer import MomentumOptimizer
+from hvd_largebatch.torch_impl.optimizer_base import constructor_defaults
 
 __all__ = ["SGD"]
 
@@ -47,8 +48,7 @@ class SGD(MomentumOptimizer):
             name matching bias/bn/batchnorm/norm), False (decay everything),
             regexes matched on full names, or a callable ``(name, shape) -> bool``
             returning True for excluded tensors.
-        foreach: use the ``torch._foreach_*`` path (None: yes).
-        nonfinite: ``"skip"`` (default) or ``"raise"`` on a NaN/Inf gradient.
+        foreach, fused, nonfinite: as :class:`~hvd_largebatch.torch_impl.optimizer_base.LargeBatchOptimizer`.
 
     Raises:
         ValueError: naming the argument, for any value out of range.
@@ -77,15 +77,7 @@ class SGD(MomentumOptimizer):
         momentum_correction: bool = _D.momentum_correction,
         exclude_from_weight_decay: config.ExclusionSpec = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
         nonfinite: str = _D.nonfinite,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            momentum_correction=momentum_correction,
-            nonfinite=nonfinite,
-            foreach=foreach,
-        )
-        super().__init__(params, defaults, exclude_from_weight_decay)
+        super().__init__(params, constructor_defaults(locals()), exclude_from_weight_decay)

@@ -1,5 +1,7 @@
 """The foreach path and the single-tensor path give the same float64 results, for every case of the table.
 
+(The fused path is checked against the single-tensor path in ``test_torch_fused.py``.)
+
 The foreach path is run with a tiny chunk budget so that the cache-sized
 chunking cuts the tensor list in several places, and on tensors of two dtypes
 (two device/dtype buckets).
@@ -21,7 +23,8 @@ def test_foreach_equals_single_tensor(case, monkeypatch):
     weights = initial_weights(case)
     runs = {}
     for foreach in (True, False):
-        params, opt = make_torch(case, weights, foreach=foreach)
+        path = {} if case.name == "lamb" else {"fused": False}  # LAMB has no fused path
+        params, opt = make_torch(case, weights, foreach=foreach, **path)
         opt.record_trust_ratios(case.name != "sgd")
         for step in range(STEPS):
             torch_step(case, params, opt, step)
