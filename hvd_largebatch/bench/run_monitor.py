@@ -17,7 +17,7 @@ rank:
 
 :meth:`RunMonitor.result` is the run's record for ``results.json``.
 
-Framework-free (standard library only).
+Framework-free (no torch or TensorFlow).
 """
 
 from __future__ import annotations

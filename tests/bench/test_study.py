@@ -150,11 +150,14 @@ def test_monitor_stops_a_diverging_run_at_once_and_a_slow_one_at_its_budget():
 
 def test_noise_scale_estimate_recovers_b_simple_from_exact_norms():
     g2, trace = 0.25, 300.0  # B_simple = 1200
-    ema = NoiseScaleEMA(small_batch=32, big_batch=64, decay=0.9)
+    ema = NoiseScaleEMA(small_batch=32, big_batch=64, ema_decay=0.9)
     for _ in range(5):
         value = ema.update(g2 + trace / 32, g2 + trace / 64)
     assert value == pytest.approx(trace / g2)
+    assert ema.update(float("nan"), 1.0) == pytest.approx(trace / g2)  # a non-finite step is skipped
+    assert ema.estimator.skipped == 1
     assert NoiseScaleEMA(8, 16).value is None
+    assert NoiseScaleEMA(8, 16, ema_decay=0.0).update(1.0, 2.0) is None  # tr(Sigma) estimate < 0: undefined
     with pytest.raises(ValueError, match="big_batch must be larger"):
         NoiseScaleEMA(16, 16)
 
