@@ -24,7 +24,7 @@ from hvd_largebatch.elastic_data import (
     local_batch_indices,
     updates_left_in_epoch,
 )
-from hvd_largebatch.elastic_schedule import ElasticSchedule
+from hvd_largebatch.schedules import ElasticSchedule
 
 B = 64  # the global batch the step schedules are built for
 STEP_SCHEDULES = {

@@ -23,7 +23,7 @@ import horovod.tensorflow as hvd  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hvd_largebatch.elastic_schedule import ElasticSchedule  # noqa: E402
+from hvd_largebatch.schedules import ElasticSchedule  # noqa: E402
 from hvd_largebatch.tf import LARS, DistributedOptimizer, elastic  # noqa: E402
 from launcher import write_results  # noqa: E402
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from hvd_largebatch.elastic_schedule import ElasticSchedule
+from hvd_largebatch.schedules import ElasticSchedule
 from launcher import run_elastic_under_horovod
 
 WORKERS = {framework: Path(__file__).with_name(f"elastic_{framework}_worker.py") for framework in ("torch", "keras")}
