@@ -158,16 +158,15 @@ class ElasticPosition:
     """The position in training that both frameworks' elastic states commit, and when they commit it.
 
     A mixin for a Horovod elastic ``State`` (which provides ``commit()``);
-    the framework state provides ``per_worker_batch`` (examples per worker
-    per backward pass), ``backward_passes_per_step`` and ``global_batch``
-    for the current world. The position is ``epoch``, ``examples_done``
-    (examples of the epoch trained on by all workers) and ``updates``;
-    extra keyword arguments become attributes committed with it.
+    the framework state provides :meth:`world_batch` for the current world.
+    The position is ``epoch``, ``examples_done`` (examples of the epoch
+    trained on by all workers) and ``updates``; extra keyword arguments
+    become attributes committed with it.
     """
 
-    per_worker_batch: int
-    backward_passes_per_step: int
-    global_batch: int
+    def world_batch(self) -> tuple[int, int]:
+        """``(examples per worker per update, global batch)`` of the current world (the framework state's)."""
+        raise NotImplementedError(f"{type(self).__name__} must define world_batch()")
 
     def init_position(
         self, *, dataset_size: Any, commit_every: Any, seed: Any, shuffle: Any, extras: dict[str, Any]
@@ -201,21 +200,21 @@ class ElasticPosition:
 
     def examples_per_update(self) -> int:
         """Examples one worker trains on per update: ``per_worker_batch * backward_passes_per_step``."""
-        return self.per_worker_batch * self.backward_passes_per_step
+        return self.world_batch()[0]
 
     def update_indices(self, rank: int, world_size: int, unit: int = 1) -> list[np.ndarray]:
         """This rank's example indices of every remaining update of the epoch, from the current position."""
+        per_worker, global_batch = self.world_batch()
         order = epoch_order(self.dataset_size, self.epoch, self.seed, self.shuffle, unit)
-        left = updates_left_in_epoch(self.dataset_size, self.examples_done, self.global_batch)
+        left = updates_left_in_epoch(self.dataset_size, self.examples_done, global_batch)
         return [
-            local_batch_indices(order, self.examples_done + u * self.global_batch, self.examples_per_update(),
-                                rank, world_size)
+            local_batch_indices(order, self.examples_done + u * global_batch, per_worker, rank, world_size)
             for u in range(left)
         ]
 
     def update_done(self) -> None:
         """Advances by one global batch; commits every ``commit_every`` updates."""
-        self.examples_done += self.global_batch
+        self.examples_done += self.world_batch()[1]
         self.updates += 1
         if self.updates % self.commit_every == 0:
             self.commit()  # type: ignore[attr-defined]  # horovod.common.elastic.State's

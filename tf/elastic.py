@@ -187,6 +187,10 @@ class ElasticState(ElasticPosition, State):
         self.world_size = world_size
         self.per_worker_batch, self.global_batch = self.batch.for_world(world_size)
 
+    def world_batch(self) -> tuple[int, int]:
+        """``(examples per worker per update, global batch)`` of the current world."""
+        return self.per_worker_batch * self.backward_passes_per_step, self.global_batch
+
     @property
     def learning_rate(self) -> float:
         """The recipe's LR for the next update: ``schedule.lr(examples_seen, global_batch)``."""

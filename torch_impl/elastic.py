@@ -230,21 +230,10 @@ class ElasticState(ElasticPosition, State):
         self._saved: dict[str, Any] = {}
         self.save()
 
-    # -- the batch of the current world (the scheduler's) -----------------------
-    @property
-    def per_worker_batch(self) -> int:
-        """Examples per worker per backward pass."""
-        return self.scheduler.per_worker_batch
-
-    @property
-    def backward_passes_per_step(self) -> int:
-        """Backward passes accumulated per update."""
-        return self.scheduler.backward_passes_per_step
-
-    @property
-    def global_batch(self) -> int:
-        """Examples per update over all workers."""
-        return self.scheduler.global_batch
+    def world_batch(self) -> tuple[int, int]:
+        """``(examples per worker per update, global batch)``: the scheduler's for the current world."""
+        sched = self.scheduler
+        return sched.per_worker_batch * sched.backward_passes_per_step, sched.global_batch
 
     # -- what is kept ---------------------------------------------------------
     def _plain(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
@@ -113,9 +114,7 @@ class ElasticSchedule:
     end_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        def set_field(name: str, value: Any) -> None:  # the dataclass is frozen
-            object.__setattr__(self, name, value)
-
+        set_field = functools.partial(object.__setattr__, self)  # the dataclass is frozen
         set_field("base_lr", check_non_negative("base_lr", self.base_lr))
         set_field("base_batch", check_positive_int("base_batch", self.base_batch))
         set_field("total_examples", check_positive_int("total_examples", self.total_examples))

@@ -146,6 +146,7 @@ def main() -> None:
 
     train(state)
     write_results(hvd.rank(), {
+        "framework": "torch",
         "rank": hvd.rank(),
         "size": hvd.size(),
         "hostname": HOSTNAME,

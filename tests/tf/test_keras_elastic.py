@@ -56,17 +56,17 @@ def compiled(passes: int = 1) -> keras.Model:
 
 
 class Items(keras.utils.PyDataset):
-    """Item ``i``: examples ``2i`` and ``2i + 1`` of ``(x, y)``."""
+    """Item ``i``: the ``unit`` examples from ``i * unit`` of every array."""
 
-    def __init__(self, x, y):
+    def __init__(self, *arrays, unit=2):
         super().__init__()
-        self.x, self.y = x, y
+        self.arrays, self.unit = arrays, unit
 
     def __len__(self):
-        return len(self.x) // 2
+        return len(self.arrays[0]) // self.unit
 
     def __getitem__(self, i):
-        return self.x[2 * i:2 * i + 2], self.y[2 * i:2 * i + 2]
+        return tuple(array[i * self.unit:(i + 1) * self.unit] for array in self.arrays)
 
 
 def examples(n=32):
