@@ -20,9 +20,17 @@ HorovodAllgather and HorovodBroadcast ops: from the package's
   ``hvd.size()``;
 * :meth:`ElasticState.fit` runs ``model.fit`` from the committed position:
   each rank fits on its part of the remaining global batches of the epoch
-  (:mod:`hvd_largebatch.elastic_data`), with :class:`ElasticCallback`, which
-  sets the LR before each batch, advances the position after it and commits
-  every ``commit_every`` updates;
+  (:mod:`hvd_largebatch.elastic_data`), read from arrays, a
+  ``tf.data.Dataset`` or a ``keras.utils.PyDataset``
+  (:mod:`hvd_largebatch.tf.elastic_inputs`), with :class:`ElasticCallback`,
+  which sets the LR before each batch, advances the position after each
+  update and commits every ``commit_every`` updates;
+* with ``DistributedOptimizer(..., backward_passes_per_step=k)`` an update
+  is ``k`` batches: the position advances, and a commit happens, only after
+  the ``k``-th, when the accumulators are zero (a commit between two
+  micro-batches raises); a worker lost in the middle of an update takes its
+  partial sums with it, and the survivors restore the last commit and redo
+  the whole update;
 * :func:`run` is ``hvd.elastic.run`` for this state: any TensorFlow error
   raised by a Horovod op (grouped allreduce included) becomes a reset.
 
