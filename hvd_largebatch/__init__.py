@@ -4,9 +4,9 @@ This top-level package is framework-free (standard library and NumPy only):
 ``schedules`` (LR scaling, Goyal warmup, decays), ``config`` (validated
 hyperparameters and exclusion rules), ``reference`` (the float64 oracle of
 every update rule), ``cli`` (the ``hvd-largebatch`` command), and for elastic
-training ``elastic_schedule`` (the LR recipe counted in examples, for a
-changing global batch) and ``elastic_data`` (the position in the epoch and
-each rank's examples for any world size). The framework
+training ``schedules.ElasticSchedule`` (the LR recipe counted in examples,
+for a changing global batch) and ``elastic_data`` (the position in the epoch
+and each rank's examples for any world size). The framework
 implementations live in ``hvd_largebatch.torch_impl`` and ``hvd_largebatch.tf``
 and are imported only on request. ``hvd_largebatch.bench`` is an application
 of the libraries (the batch-size sweep behind ``hvd-largebatch bench``), not

@@ -10,25 +10,34 @@ HorovodAllgather and HorovodBroadcast ops: from the package's
 ``horovod.tensorflow`` ops only:
 
 * :class:`ElasticState` commits and restores ``model.variables`` and the
-  optimizer's variables (the DistributedOptimizer's accumulators, the
-  wrapped optimizer's slots, iteration count, LR, ``prev_learning_rate``),
+  optimizer's variables (the DistributedOptimizer's gradient accumulators
+  and pass count, the wrapped optimizer's slots, iteration count, LR,
+  ``prev_learning_rate``),
   the position (epoch, examples done in it, examples seen, updates) and any
   extras; ``sync()`` broadcasts rank 0's variables and plain state (nothing
   is stepped); after a reset the global batch, and with it the LR of the
-  core :class:`~hvd_largebatch.elastic_schedule.ElasticSchedule`, follow
+  core :class:`~hvd_largebatch.schedules.ElasticSchedule`, follow
   ``hvd.size()``;
 * :meth:`ElasticState.fit` runs ``model.fit`` from the committed position:
   each rank fits on its part of the remaining global batches of the epoch
-  (:mod:`hvd_largebatch.elastic_data`), with :class:`ElasticCallback`, which
-  sets the LR before each batch, advances the position after it and commits
-  every ``commit_every`` updates;
+  (:mod:`hvd_largebatch.elastic_data`), read from arrays, a
+  ``tf.data.Dataset`` or a ``keras.utils.PyDataset``
+  (:mod:`hvd_largebatch.tf.elastic_inputs`), with :class:`ElasticCallback`,
+  which sets the LR before each batch, advances the position after each
+  update and commits every ``commit_every`` updates;
+* with ``DistributedOptimizer(..., backward_passes_per_step=k)`` an update
+  is ``k`` batches: the position advances, and a commit happens, only after
+  the ``k``-th, when the accumulators are zero (a commit between two
+  micro-batches raises); a worker lost in the middle of an update takes its
+  partial sums with it, and the survivors restore the last commit and redo
+  the whole update;
 * :func:`run` is ``hvd.elastic.run`` for this state: any TensorFlow error
   raised by a Horovod op (grouped allreduce included) becomes a reset.
 
 Example (``horovodrun -np 2 --min-np 1 --host-discovery-script ./hosts.sh python train.py``)::
 
     import horovod.tensorflow as hvd
-    from hvd_largebatch.elastic_schedule import ElasticSchedule
+    from hvd_largebatch.schedules import ElasticSchedule
     from hvd_largebatch.tf import LARS, DistributedOptimizer, elastic
     hvd.init()
     model.compile(optimizer=DistributedOptimizer(LARS(learning_rate=0.1, weight_decay=5e-4)),
@@ -59,17 +68,11 @@ import tensorflow as tf
 from horovod.common.elastic import State, run_fn
 from horovod.common.exceptions import HorovodInternalError
 
-from hvd_largebatch.config import check_bool, check_positive_int
-from hvd_largebatch.elastic_data import (
-    MISSING_OPTIMIZER_ERROR,
-    check_commit_every,
-    epoch_order,
-    local_batch_indices,
-    updates_left_in_epoch,
-)
-from hvd_largebatch.elastic_schedule import ElasticSchedule
-from hvd_largebatch.schedules import per_worker_batch_size
+from hvd_largebatch.config import check_non_negative_int, check_positive_int
+from hvd_largebatch.elastic_data import MISSING_OPTIMIZER_ERROR, ElasticPosition
+from hvd_largebatch.schedules import ElasticBatch, ElasticSchedule, check_elastic_schedule
 from hvd_largebatch.tf.distributed import find_distributed_optimizer
+from hvd_largebatch.tf.elastic_inputs import input_unit, rank_input
 
 __all__ = ["ElasticState", "ElasticCallback", "run", "is_horovod_error"]
 
@@ -125,13 +128,13 @@ def _value(variable: Any) -> Any:
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
-class ElasticState(State):
+class ElasticState(ElasticPosition, State):
     """Model and optimizer variables, position and extras of a Keras run, committed and restored exactly.
 
     Args:
         model: a compiled ``keras.Model`` (its optimizer is part of the state).
-        schedule: the LR recipe, an :class:`~hvd_largebatch.elastic_schedule.ElasticSchedule`.
-        per_worker_batch: examples per worker per update, kept on a change
+        schedule: the LR recipe, an :class:`~hvd_largebatch.schedules.ElasticSchedule`.
+        per_worker_batch: examples per worker per batch, kept on a change
             (the global batch and the LR follow the world size); or
         global_batch: examples per update, kept on a change (the per-worker
             batch follows it; the LR stays on the recipe).
@@ -142,12 +145,13 @@ class ElasticState(State):
         optimizer: defaults to ``model.optimizer``; required.
         **extras: other values committed, restored and synced with the state.
 
+    The global batch is ``per_worker_batch * world_size * k`` with ``k`` the
+    DistributedOptimizer's ``backward_passes_per_step``.
+
     Raises:
         ValueError: naming ``optimizer`` when the model has none, ``commit_every``
             when it is not an integer >= 1, ``schedule`` when it is not an
-            ``ElasticSchedule``, or any other argument; naming
-            ``backward_passes_per_step`` when the DistributedOptimizer
-            accumulates (one batch must be one update here).
+            ``ElasticSchedule``, or any other argument.
     """
 
     def __init__(
@@ -169,42 +173,18 @@ class ElasticState(State):
         optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
         if optimizer is None:
             raise ValueError(MISSING_OPTIMIZER_ERROR)
-        if not isinstance(schedule, ElasticSchedule):
-            raise ValueError(
-                "schedule must be a hvd_largebatch.elastic_schedule.ElasticSchedule (lengths in examples), got "
-                f"{type(schedule).__name__}; a step Schedule cannot follow a change of global batch: convert it "
-                "with ElasticSchedule.from_schedule(schedule, global_batch=..., base_lr=..., base_batch=...)"
-            )
-        if (per_worker_batch is None) == (global_batch is None):
-            raise ValueError(
-                f"exactly one of per_worker_batch and global_batch must be given, got per_worker_batch="
-                f"{per_worker_batch!r} and global_batch={global_batch!r}"
-            )
-        distributed = find_distributed_optimizer(optimizer)
-        if distributed is not None and distributed.backward_passes_per_step != 1:
-            raise ValueError(
-                f"backward_passes_per_step must be 1 for elastic Keras training (one batch, one update), got "
-                f"{distributed.backward_passes_per_step}"
-            )
-        self.commit_every = check_commit_every(commit_every)
-        self.dataset_size = check_positive_int("dataset_size", dataset_size)
-        self.seed = int(seed)
-        self.shuffle = check_bool("shuffle", shuffle)
-        self.schedule = schedule
-        self.fixed_per_worker_batch = None if per_worker_batch is None else check_positive_int(
-            "per_worker_batch", per_worker_batch
-        )
-        self.fixed_global_batch = None if global_batch is None else check_positive_int("global_batch", global_batch)
+        self.schedule = check_elastic_schedule(schedule)
+        self.distributed = find_distributed_optimizer(optimizer)
+        passes = 1 if self.distributed is None else self.distributed.backward_passes_per_step
+        self.batch = ElasticBatch(per_worker_batch, global_batch, passes)
+        self.backward_passes_per_step = passes
         self.model, self.optimizer = model, optimizer
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
-        self.epoch = int(extras.pop("epoch", 0))
-        self.examples_done = int(extras.pop("examples_done", 0))
-        self.examples_seen = int(extras.pop("examples_seen", 0))
-        self.updates = 0
-        self._extra_names = tuple(extras)
-        for name, value in extras.items():
-            setattr(self, name, value)
+        self.examples_seen = check_non_negative_int("examples_seen", extras.pop("examples_seen", 0))
+        self.init_position(dataset_size=dataset_size, commit_every=commit_every, seed=seed, shuffle=shuffle,
+                           extras=extras)
+        self.fit_indices = np.zeros(0, dtype=np.int64)
         self._set_world(hvd.size())
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
         self._saved: dict[str, Any] = {}
@@ -213,12 +193,11 @@ class ElasticState(State):
     # -- batch and LR for the world --------------------------------------------
     def _set_world(self, world_size: int) -> None:
         self.world_size = world_size
-        if self.fixed_global_batch is not None:
-            self.global_batch = self.fixed_global_batch
-            self.per_worker_batch = per_worker_batch_size(self.fixed_global_batch, world_size)
-        else:
-            self.per_worker_batch = self.fixed_per_worker_batch
-            self.global_batch = self.fixed_per_worker_batch * world_size
+        self.per_worker_batch, self.global_batch = self.batch.for_world(world_size)
+
+    def world_batch(self) -> tuple[int, int]:
+        """``(examples per worker per update, global batch)`` of the current world."""
+        return self.per_worker_batch * self.backward_passes_per_step, self.global_batch
 
     @property
     def learning_rate(self) -> float:
@@ -231,21 +210,26 @@ class ElasticState(State):
         return list(self.model.variables) + list(self.optimizer.variables)
 
     def _plain(self) -> dict[str, Any]:
-        plain = {
-            "epoch": self.epoch,
-            "examples_done": self.examples_done,
-            "examples_seen": self.examples_seen,
-            "updates": self.updates,
-        }
-        plain.update({name: getattr(self, name) for name in self._extra_names})
-        return plain
+        return {**self.position(), "examples_seen": self.examples_seen}
 
-    def _set_plain(self, plain: dict[str, Any]) -> None:
-        for name, value in copy.deepcopy(plain).items():
-            setattr(self, name, value)
+    def _passes_into_update(self) -> int:
+        if self.backward_passes_per_step == 1:
+            return 0
+        return int(keras.ops.convert_to_numpy(self.distributed.local_passes)) % self.backward_passes_per_step
 
     def save(self) -> None:
-        """Copies every variable's value and the plain state to host memory."""
+        """Copies every variable's value and the plain state to host memory.
+
+        Raises:
+            RuntimeError: when called between two micro-batches of an update
+                (gradients accumulated, no update yet): commit after updates only.
+        """
+        passes = self._passes_into_update()
+        if passes:
+            raise RuntimeError(
+                f"commit between micro-batches: {passes} of backward_passes_per_step="
+                f"{self.backward_passes_per_step} passes are accumulated; commit only after an update"
+            )
         self._saved = {
             "variables": [np.array(keras.ops.convert_to_numpy(v), copy=True) for v in self.variables()],
             "plain": copy.deepcopy(self._plain()),
@@ -255,13 +239,13 @@ class ElasticState(State):
         """Assigns the last commit back to every variable, and the plain state."""
         for variable, value in zip(self.variables(), self._saved["variables"]):
             variable.assign(value)
-        self._set_plain(self._saved["plain"])
+        self.set_position(self._saved["plain"])
 
     def sync(self) -> None:
         """Every rank gets rank 0's variables (one broadcast each, no step) and plain state, then commits."""
         if hvd.size() > 1:
             hvd.broadcast_variables([_value(v) for v in self.variables()], root_rank=0)
-        self._set_plain(hvd.broadcast_object(self._plain(), root_rank=0, name="hvd_largebatch.elastic_state"))
+        self.set_position(hvd.broadcast_object(self._plain(), root_rank=0, name="hvd_largebatch.elastic_state"))
         self.optimizer.learning_rate = self.learning_rate
         self.save()
 
@@ -272,59 +256,54 @@ class ElasticState(State):
         self.model.train_function = None  # the next fit traces a step for the new set of workers
 
     # -- training ------------------------------------------------------------------
-    def local_indices(self) -> np.ndarray:
+    def local_indices(self, unit: int = 1) -> np.ndarray:
         """This rank's example indices of every remaining global batch of the epoch, in order."""
-        order = epoch_order(self.dataset_size, self.epoch, self.seed, self.shuffle)
-        left = updates_left_in_epoch(self.dataset_size, self.examples_done, self.global_batch)
-        parts = [
-            local_batch_indices(order, self.examples_done + u * self.global_batch, self.per_worker_batch,
-                                hvd.rank(), hvd.size())
-            for u in range(left)
-        ]
+        parts = self.update_indices(hvd.rank(), hvd.size(), unit)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def fit(self, x: Any, y: Any, epochs: int, callbacks: list[Any] | None = None, **fit_kwargs: Any) -> None:
+    def fit(
+        self, x: Any, y: Any = None, *, epochs: int, callbacks: list[Any] | None = None, **fit_kwargs: Any
+    ) -> None:
         """Fits epoch by epoch from the committed position until ``epochs`` epochs are done.
 
-        Each rank fits on ``x[i], y[i]`` for its indices of the remaining
-        global batches (arrays indexable by an index array), one batch per
-        update, with :class:`ElasticCallback` after ``callbacks``.
+        Each rank fits on its examples of the remaining global batches
+        (``fit_indices``, in order), ``per_worker_batch`` per batch, from
+        arrays ``x``, ``y`` (indexable by an index array), a
+        ``tf.data.Dataset`` of single examples or a ``keras.utils.PyDataset``
+        (see :mod:`hvd_largebatch.tf.elastic_inputs`), with
+        :class:`ElasticCallback` after ``callbacks``.
 
         Raises:
             ValueError: naming ``fit_kwargs`` that the state decides itself
                 (``batch_size``, ``epochs``, ``shuffle``, ``initial_epoch``,
-                ``steps_per_epoch``).
+                ``steps_per_epoch``), or ``x``/``y``/``per_worker_batch``
+                when the data cannot be read by example.
         """
         epochs = check_positive_int("epochs", epochs)
         decided = sorted(set(fit_kwargs) & {"batch_size", "shuffle", "initial_epoch", "steps_per_epoch"})
         if decided:
             raise ValueError(f"fit_kwargs must not set {', '.join(decided)}: the elastic state decides them")
+        unit = input_unit(x, y, self.dataset_size, self.shuffle)
         while self.epoch < epochs:
-            indices = self.local_indices()
-            if len(indices):
-                self.model.fit(
-                    x[indices], y[indices], batch_size=self.per_worker_batch, epochs=1, shuffle=False,
-                    callbacks=[*(callbacks or []), ElasticCallback(self)], **fit_kwargs,
+            self.fit_indices = self.local_indices(unit)
+            if len(self.fit_indices):
+                data = rank_input(
+                    x, y, self.fit_indices, batch=self.per_worker_batch, unit=unit,
+                    per_update=self.examples_per_update(), examples_done=self.examples_done,
+                    global_batch=self.global_batch, rank=hvd.rank(),
                 )
+                self.model.fit(**data, epochs=1, shuffle=False,
+                               callbacks=[*(callbacks or []), ElasticCallback(self)], **fit_kwargs)
             self.next_epoch()
 
     def update_done(self) -> None:
-        """Advances by one global batch; commits every ``commit_every`` updates."""
-        self.examples_done += self.global_batch
+        """Advances by one global batch (examples seen too); commits every ``commit_every`` updates."""
         self.examples_seen += self.global_batch
-        self.updates += 1
-        if self.updates % self.commit_every == 0:
-            self.commit()
-
-    def next_epoch(self) -> None:
-        """Starts the next epoch at its first example, and commits."""
-        self.epoch += 1
-        self.examples_done = 0
-        self.commit()
+        super().update_done()
 
 
 class ElasticCallback(keras.callbacks.Callback):
-    """Sets the recipe's LR before each batch, and after it advances the state's position (committing every N).
+    """Sets the recipe's LR before each batch; after each update advances the state's position (committing every N).
 
     The package's SGD, LARS and CLARS correct their velocity for the LR
     change themselves (momentum correction from their recorded previous LR).
@@ -347,4 +326,6 @@ class ElasticCallback(keras.callbacks.Callback):
         self.state.optimizer.learning_rate = self.state.learning_rate
 
     def on_train_batch_end(self, batch, logs=None):
-        self.state.update_done()
+        # each fit starts at an update's first micro-batch; the update is done after its last
+        if (batch + 1) % self.state.backward_passes_per_step == 0:
+            self.state.update_done()

@@ -9,7 +9,7 @@
   decay shrinks the weights by ``lr * wd`` and seeds the momentum);
 * the LR scheduler is committed and restored with the model and optimizer,
   and is an :class:`ElasticLRScheduler` evaluating a core
-  :class:`~hvd_largebatch.elastic_schedule.ElasticSchedule` at the examples
+  :class:`~hvd_largebatch.schedules.ElasticSchedule` at the examples
   seen, so after a reset the LR is the recipe's for the new global batch;
 * the position in the epoch is counted in examples, and
   :meth:`ElasticState.batches` hands each rank its part of the next global
@@ -19,7 +19,7 @@
 Example (``horovodrun -np 2 --min-np 1 --host-discovery-script ./hosts.sh python train.py``)::
 
     import horovod.torch as hvd
-    from hvd_largebatch.elastic_schedule import ElasticSchedule
+    from hvd_largebatch.schedules import ElasticSchedule
     from hvd_largebatch.torch_impl import LARS, DistributedOptimizer
     from hvd_largebatch.torch_impl.elastic import ElasticLRScheduler, ElasticState
     hvd.init()
@@ -53,16 +53,9 @@ import torch
 from horovod.common.elastic import State
 from torch.optim.lr_scheduler import LRScheduler
 
-from hvd_largebatch.config import check_bool, check_positive_int
-from hvd_largebatch.elastic_data import (
-    MISSING_OPTIMIZER_ERROR,
-    check_commit_every,
-    epoch_order,
-    local_batch_indices,
-    updates_left_in_epoch,
-)
-from hvd_largebatch.elastic_schedule import ElasticSchedule
-from hvd_largebatch.schedules import per_worker_batch_size
+from hvd_largebatch.config import check_non_negative_int
+from hvd_largebatch.elastic_data import MISSING_OPTIMIZER_ERROR, ElasticPosition
+from hvd_largebatch.schedules import ElasticBatch, ElasticSchedule, check_elastic_schedule
 from hvd_largebatch.torch_impl.distributed import broadcast_state
 
 __all__ = ["ElasticLRScheduler", "ElasticState"]
@@ -84,7 +77,7 @@ class ElasticLRScheduler(LRScheduler):
 
     Args:
         optimizer: the (possibly Horovod-wrapped) optimizer.
-        schedule: the recipe, a :class:`~hvd_largebatch.elastic_schedule.ElasticSchedule`.
+        schedule: the recipe, a :class:`~hvd_largebatch.schedules.ElasticSchedule`.
         per_worker_batch: examples per worker per backward pass, kept on a change.
         global_batch: examples per update over all workers, kept on a change.
         world_size: the number of workers now (``hvd.size()``).
@@ -108,40 +101,17 @@ class ElasticLRScheduler(LRScheduler):
         backward_passes_per_step: int = 1,
         examples_seen: int = 0,
     ) -> None:
-        if not isinstance(schedule, ElasticSchedule):
-            raise ValueError(
-                "schedule must be a hvd_largebatch.elastic_schedule.ElasticSchedule (lengths in examples), got "
-                f"{type(schedule).__name__}; a step Schedule cannot follow a change of global batch: convert it "
-                "with ElasticSchedule.from_schedule(schedule, global_batch=..., base_lr=..., base_batch=...)"
-            )
-        if (per_worker_batch is None) == (global_batch is None):
-            raise ValueError(
-                f"exactly one of per_worker_batch and global_batch must be given, got per_worker_batch="
-                f"{per_worker_batch!r} and global_batch={global_batch!r}"
-            )
-        self.schedule = schedule
-        self.backward_passes_per_step = check_positive_int("backward_passes_per_step", backward_passes_per_step)
-        self.fixed_per_worker_batch = None if per_worker_batch is None else check_positive_int(
-            "per_worker_batch", per_worker_batch
-        )
-        self.fixed_global_batch = None if global_batch is None else check_positive_int("global_batch", global_batch)
-        if isinstance(examples_seen, bool) or not isinstance(examples_seen, int) or examples_seen < 0:
-            raise ValueError(f"examples_seen must be an integer >= 0, got {examples_seen!r}")
-        self.examples_seen = examples_seen
+        self.schedule = check_elastic_schedule(schedule)
+        self.batch = ElasticBatch(per_worker_batch, global_batch, backward_passes_per_step)
+        self.backward_passes_per_step = self.batch.backward_passes_per_step
+        self.examples_seen = check_non_negative_int("examples_seen", examples_seen)
         self._started = False
         self._set_world(world_size)
         super().__init__(optimizer, last_epoch=-1)
 
     def _set_world(self, world_size: int) -> None:
-        self.world_size = check_positive_int("world_size", world_size)
-        if self.fixed_global_batch is not None:
-            self.global_batch = self.fixed_global_batch
-            self.per_worker_batch = per_worker_batch_size(
-                self.fixed_global_batch, self.world_size, self.backward_passes_per_step
-            )
-        else:
-            self.per_worker_batch = self.fixed_per_worker_batch
-            self.global_batch = self.fixed_per_worker_batch * self.world_size * self.backward_passes_per_step
+        self.per_worker_batch, self.global_batch = self.batch.for_world(world_size)
+        self.world_size = world_size
 
     def get_lr(self) -> list[float]:
         """The recipe's LR at ``examples_seen`` for the current global batch, for every param group."""
@@ -177,9 +147,7 @@ class ElasticLRScheduler(LRScheduler):
             "examples_seen": self.examples_seen,
             "last_epoch": self.last_epoch,
             "world_size": self.world_size,
-            "fixed_per_worker_batch": self.fixed_per_worker_batch,
-            "fixed_global_batch": self.fixed_global_batch,
-            "backward_passes_per_step": self.backward_passes_per_step,
+            "batch": dict(vars(self.batch)),
             "schedule": self.schedule.to_config(),
         }
 
@@ -188,14 +156,13 @@ class ElasticLRScheduler(LRScheduler):
         self.schedule = ElasticSchedule.from_config(state_dict["schedule"])
         self.examples_seen = int(state_dict["examples_seen"])
         self.last_epoch = int(state_dict["last_epoch"])
-        self.fixed_per_worker_batch = state_dict["fixed_per_worker_batch"]
-        self.fixed_global_batch = state_dict["fixed_global_batch"]
-        self.backward_passes_per_step = int(state_dict["backward_passes_per_step"])
+        self.batch = ElasticBatch(**state_dict["batch"])
+        self.backward_passes_per_step = self.batch.backward_passes_per_step
         self._set_world(int(state_dict["world_size"]))
         self._apply()
 
 
-class ElasticState(State):
+class ElasticState(ElasticPosition, State):
     """Model, optimizer, LR scheduler, position in the epoch and extras, committed and restored exactly.
 
     ``commit()`` copies everything to host memory (then checks for host
@@ -256,33 +223,26 @@ class ElasticState(State):
             )
         if scheduler.optimizer is not optimizer:
             raise ValueError("scheduler must schedule the optimizer given to the state, got another optimizer")
-        self.commit_every = check_commit_every(commit_every)
-        self.dataset_size = check_positive_int("dataset_size", dataset_size)
-        self.seed = int(seed)
-        self.shuffle = check_bool("shuffle", shuffle)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.epoch = int(extras.pop("epoch", 0))
-        self.examples_done = int(extras.pop("examples_done", 0))
-        self.updates = 0
-        self._extra_names = tuple(extras)
-        for name, value in extras.items():
-            setattr(self, name, value)
+        self.init_position(dataset_size=dataset_size, commit_every=commit_every, seed=seed, shuffle=shuffle,
+                           extras=extras)
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
         self._saved: dict[str, Any] = {}
         self.save()
 
+    def world_batch(self) -> tuple[int, int]:
+        """``(examples per worker per update, global batch)``: the scheduler's for the current world."""
+        sched = self.scheduler
+        return sched.per_worker_batch * sched.backward_passes_per_step, sched.global_batch
+
     # -- what is kept ---------------------------------------------------------
     def _plain(self) -> dict[str, Any]:
-        plain = {"epoch": self.epoch, "examples_done": self.examples_done, "updates": self.updates}
-        plain.update({name: getattr(self, name) for name in self._extra_names})
-        plain["scheduler"] = self.scheduler.state_dict()
-        return plain
+        return {**self.position(), "scheduler": self.scheduler.state_dict()}
 
     def _set_plain(self, plain: dict[str, Any]) -> None:
         plain = copy.deepcopy(plain)
         self.scheduler.load_state_dict(plain.pop("scheduler"))
-        for name, value in plain.items():
-            setattr(self, name, value)
+        self.set_position(plain)
 
     def save(self) -> None:
         """Copies the model's and optimizer's state dicts, the scheduler, the position and the extras."""
@@ -315,28 +275,11 @@ class ElasticState(State):
         Raises:
             RuntimeError: when a batch is requested again without :meth:`update_done` in between.
         """
-        order = epoch_order(self.dataset_size, self.epoch, self.seed, self.shuffle)
-        while updates_left_in_epoch(self.dataset_size, self.examples_done, self.scheduler.global_batch) > 0:
+        while True:
+            remaining = self.update_indices(hvd.rank(), hvd.size())
+            if not remaining:
+                return
             position = (self.epoch, self.examples_done)
-            yield local_batch_indices(
-                order,
-                self.examples_done,
-                self.scheduler.per_worker_batch * self.scheduler.backward_passes_per_step,
-                hvd.rank(),
-                hvd.size(),
-            )
+            yield remaining[0]
             if (self.epoch, self.examples_done) == position:
                 raise RuntimeError("call state.update_done() after each update of state.batches()")
-
-    def update_done(self) -> None:
-        """Advances the position by one global batch; commits every ``commit_every`` updates."""
-        self.examples_done += self.scheduler.global_batch
-        self.updates += 1
-        if self.updates % self.commit_every == 0:
-            self.commit()
-
-    def next_epoch(self) -> None:
-        """Starts the next epoch at its first example, and commits."""
-        self.epoch += 1
-        self.examples_done = 0
-        self.commit()

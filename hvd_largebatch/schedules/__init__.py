@@ -13,7 +13,10 @@ This package implements the "Schedules" section of the math contract
 * :mod:`.builder`: :func:`make_schedule`, the schedule from the user's terms;
 * :mod:`.recipes`: the papers' schedules :func:`goyal` and :func:`lars_poly`;
 * :mod:`.correction`: :func:`momentum_correction`, the velocity factor that
-  every momentum optimizer of both frameworks calls when the LR changes.
+  every momentum optimizer of both frameworks calls when the LR changes;
+* :mod:`.elastic`: :class:`ElasticSchedule`, the recipe counted in examples
+  seen, evaluated for the current global batch, and :class:`ElasticBatch`,
+  which of the per-worker and the global batch elastic training keeps.
 
 A :class:`Schedule` call ``schedule(step)`` is a closed-form function of the
 optimizer-update count (never the recursive "multiply the current LR" form),
@@ -44,6 +47,7 @@ from hvd_largebatch.schedules.batch import epochs_to_steps, global_batch_size, p
 from hvd_largebatch.schedules.builder import make_schedule
 from hvd_largebatch.schedules.correction import momentum_correction
 from hvd_largebatch.schedules.decay import DECAY_KINDS, MILESTONE_UNITS
+from hvd_largebatch.schedules.elastic import ElasticBatch, ElasticSchedule, check_elastic_schedule
 from hvd_largebatch.schedules.recipes import goyal, lars_poly
 from hvd_largebatch.schedules.record import Schedule
 from hvd_largebatch.schedules.scaling import SCALING_RULES, scale_lr
@@ -56,6 +60,9 @@ __all__ = [
     "DECAY_KINDS",
     "MILESTONE_UNITS",
     "Schedule",
+    "ElasticSchedule",
+    "ElasticBatch",
+    "check_elastic_schedule",
     "scale_lr",
     "make_schedule",
     "goyal",

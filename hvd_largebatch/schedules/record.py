@@ -17,7 +17,49 @@ from hvd_largebatch.config import (
 from hvd_largebatch.schedules.decay import DECAYS, MILESTONE_UNITS, validated_milestones
 from hvd_largebatch.schedules.warmup import WARMUPS
 
-__all__ = ["Schedule"]
+__all__ = ["Schedule", "checked_decay_factors", "config_of", "from_config_of"]
+
+
+def checked_decay_factors(gamma: Any, power: Any, end_lr: Any) -> dict[str, float]:
+    """Validates the decay factors of a schedule: ``gamma`` in (0, 1], ``power`` > 0, ``end_lr`` >= 0.
+
+    Raises:
+        ValueError: naming the argument.
+    """
+    gamma = check_positive("gamma", gamma)
+    if gamma > 1:
+        raise ValueError(f"gamma must be in (0, 1] (a decay factor), got {gamma!r}")
+    return {"gamma": gamma, "power": check_positive("power", power), "end_lr": check_non_negative("end_lr", end_lr)}
+
+
+def config_of(record: Any) -> dict[str, Any]:
+    """A frozen schedule dataclass's fields as a JSON-able dict (``milestones`` as a list)."""
+    values = dataclasses.asdict(record)
+    values["milestones"] = list(record.milestones)
+    return values
+
+
+def from_config_of(cls: type, config: Any, required: tuple[str, ...] = ()) -> Any:
+    """Rebuilds (and so re-validates) a frozen schedule dataclass from :func:`config_of`'s dict.
+
+    Raises:
+        ValueError: naming ``config`` when it is not a mapping, or naming
+            unknown or missing keys, or any invalid field.
+    """
+    name = cls.__name__
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping from {name}.to_config(), got {config!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {name} config key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise ValueError(f"{name} config is missing required key(s) {', '.join(missing)}")
+    values = dict(config)
+    if isinstance(values.get("milestones"), list):
+        values["milestones"] = tuple(values["milestones"])
+    return cls(**values)
 
 Number = Union[int, float]
 
@@ -135,11 +177,8 @@ class Schedule:
                 total_steps=self.total_steps,
             ),
         )
-        set_field("gamma", check_positive("gamma", self.gamma))
-        if self.gamma > 1:
-            raise ValueError(f"gamma must be in (0, 1] (a decay factor), got {self.gamma!r}")
-        set_field("power", check_positive("power", self.power))
-        set_field("end_lr", check_non_negative("end_lr", self.end_lr))
+        for name, value in checked_decay_factors(self.gamma, self.power, self.end_lr).items():
+            set_field(name, value)
         if DECAYS[self.decay].ends_at_end_lr and self.end_lr > self.peak:
             raise ValueError(
                 f"end_lr must be <= peak for decay={self.decay!r}, got end_lr={self.end_lr!r} > peak={self.peak!r}"
@@ -191,9 +230,7 @@ class Schedule:
     # -- serialisation ----------------------------------------------------
     def to_config(self) -> dict[str, Any]:
         """Every field as a JSON-able dict; :meth:`from_config` inverts it exactly."""
-        values = dataclasses.asdict(self)
-        values["milestones"] = list(self.milestones)
-        return values
+        return config_of(self)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Schedule:
@@ -203,16 +240,4 @@ class Schedule:
             ValueError: naming ``config`` when it is not a mapping, or naming
                 unknown or missing keys, or any invalid field.
         """
-        if not isinstance(config, Mapping):
-            raise ValueError(f"config must be a mapping from Schedule.to_config(), got {config!r}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(config) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown Schedule config key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
-        missing = [name for name in ("peak", "total_steps") if name not in config]
-        if missing:
-            raise ValueError(f"Schedule config is missing required key(s) {', '.join(missing)}")
-        values = dict(config)
-        if "milestones" in values and isinstance(values["milestones"], list):
-            values["milestones"] = tuple(values["milestones"])
-        return cls(**values)
+        return from_config_of(cls, config, required=("peak", "total_steps"))

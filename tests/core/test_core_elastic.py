@@ -19,12 +19,13 @@ import pytest
 from hvd_largebatch import schedules
 from hvd_largebatch.elastic_data import (
     MISSING_OPTIMIZER_ERROR,
+    ElasticPosition,
     check_commit_every,
     epoch_order,
     local_batch_indices,
     updates_left_in_epoch,
 )
-from hvd_largebatch.elastic_schedule import ElasticSchedule
+from hvd_largebatch.schedules import ElasticBatch, ElasticSchedule, check_elastic_schedule
 
 B = 64  # the global batch the step schedules are built for
 STEP_SCHEDULES = {
@@ -99,6 +100,60 @@ def test_each_example_once_per_epoch_across_world_size_changes(world_sizes, shuf
     assert dataset_size - len(seen) < per_worker * world_sizes[min(phase, len(world_sizes) - 1)]
 
 
+class Position(ElasticPosition):
+    """The shared bookkeeping with the batch of a world of ``size`` workers and a commit counter."""
+
+    def __init__(self, policy: ElasticBatch, size: int, **kwargs):
+        self.policy, self.commits = policy, []
+        self.resize(size)
+        self.init_position(**kwargs)
+
+    def resize(self, size):
+        self.size = size
+        per_worker, self.global_batch = self.policy.for_world(size)
+        self.per_update = per_worker * self.policy.backward_passes_per_step
+
+    def world_batch(self):
+        return self.per_update, self.global_batch
+
+    def commit(self):
+        self.commits.append(self.position())
+
+
+@pytest.mark.parametrize("unit", [1, 2])
+def test_position_covers_each_epoch_once_across_world_changes_with_accumulation(unit):
+    # 2 examples per pass, 2 passes per update: 8 examples per update on 2 workers, 4 on 1
+    position = Position(ElasticBatch(per_worker_batch=2, backward_passes_per_step=2), 2, dataset_size=52,
+                        commit_every=2, seed=4, shuffle=True, extras={"epoch": 1, "log": []})
+    seen = []
+    for size in (2, 2, 1, 1, 1, 2):
+        position.resize(size)
+        parts = [position.update_indices(rank, size, unit)[0] for rank in range(size)]
+        assert all(len(part) == 4 for part in parts)
+        seen.extend(i for part in parts for i in part.tolist())
+        position.update_done()
+    left = [position.update_indices(rank, 2, unit) for rank in range(2)]
+    seen.extend(i for parts in left for part in parts for i in part.tolist())
+    assert sorted(seen) == list(range(52))  # 36 examples in 6 updates, then 2 updates of 8
+    assert [c["updates"] for c in position.commits] == [2, 4, 6]
+    assert position.commits[-1] == {"epoch": 1, "examples_done": 36, "updates": 6, "log": []}
+    position.next_epoch()
+    assert position.commits[-1]["epoch"] == 2 and position.commits[-1]["examples_done"] == 0
+    position.set_position({"epoch": 1, "examples_done": 8, "updates": 1, "log": [1]})
+    assert (position.epoch, position.examples_done, position.updates, position.log) == (1, 8, 1, [1])
+
+
+def test_epoch_order_moves_whole_units():
+    assert np.array_equal(epoch_order(12, 1, seed=3), np.random.default_rng(4).permutation(12))
+    blocks = epoch_order(12, 1, seed=3, unit=3).reshape(4, 3)
+    assert (blocks % 3 == [0, 1, 2]).all() and sorted(blocks[:, 0] // 3) == [0, 1, 2, 3]
+
+
+def test_batch_policy_follows_or_keeps_the_global_batch():
+    assert ElasticBatch(per_worker_batch=16).for_world(3) == (16, 48)
+    assert ElasticBatch(global_batch=96, backward_passes_per_step=2).for_world(3) == (16, 96)
+
+
 def test_every_worker_sees_the_same_order():
     assert np.array_equal(epoch_order(50, 2, seed=1), epoch_order(50, 2, seed=1))
     assert not np.array_equal(epoch_order(50, 2, seed=1), epoch_order(50, 3, seed=1))
@@ -131,6 +186,15 @@ BAD_INPUTS = [
     ("past the epoch's end", lambda: local_batch_indices(np.arange(8), 6, 2, 0, 2), "examples_done"),
     ("rank outside world", lambda: local_batch_indices(np.arange(8), 0, 2, 2, 2), "rank"),
     ("examples done beyond data", lambda: updates_left_in_epoch(8, 9, 2), "examples_done"),
+    ("unit not dividing the data", lambda: epoch_order(10, 0, unit=3), "unit"),
+    ("both batches", lambda: ElasticBatch(per_worker_batch=4, global_batch=8), "exactly one of"),
+    ("no batch", lambda: ElasticBatch(), "exactly one of"),
+    ("zero passes", lambda: ElasticBatch(per_worker_batch=4, backward_passes_per_step=0), "backward_passes_per_step"),
+    ("global batch not shared equally", lambda: ElasticBatch(global_batch=8).for_world(3), "global_batch"),
+    ("a step schedule where a recipe is needed", lambda: check_elastic_schedule(STEP_SCHEDULES["goyal"]),
+     "from_schedule"),
+    ("position commit interval 0", lambda: Position(ElasticBatch(per_worker_batch=2), 1, dataset_size=8,
+                                                     commit_every=0, seed=0, shuffle=True, extras={}), "commit_every"),
 ]
 
 

@@ -17,7 +17,7 @@ CORE_MODULES = [
     "hvd_largebatch.reference",
     "hvd_largebatch.noise_scale",
     "hvd_largebatch.cli",
-    "hvd_largebatch.elastic_schedule",
+    "hvd_largebatch.schedules.elastic",
     "hvd_largebatch.elastic_data",
     "hvd_largebatch.dual_bn_routing",
 ]
@@ -42,7 +42,7 @@ def test_core_imports_and_cli_runs_with_frameworks_blocked():
         import json, sys
         import hvd_largebatch, hvd_largebatch.schedules, hvd_largebatch.config, hvd_largebatch.reference, hvd_largebatch.cli
         import hvd_largebatch.noise_scale
-        import hvd_largebatch.elastic_schedule, hvd_largebatch.elastic_data
+        import hvd_largebatch.schedules.elastic, hvd_largebatch.elastic_data
         from hvd_largebatch import schedules
         assert abs(schedules.goyal(0.1, 256, 8192, steps_per_epoch=156, epochs=90)(780) - 3.2) < 1e-12
         code = hvd_largebatch.cli.main(["schedule", "--base-lr", "0.1", "--global-batch", "8192", "--epochs", "90",

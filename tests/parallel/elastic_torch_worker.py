@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_worker
-from hvd_largebatch.elastic_schedule import ElasticSchedule
+from hvd_largebatch.schedules import ElasticSchedule
 from hvd_largebatch.torch_impl import LARS, DistributedOptimizer
 from hvd_largebatch.torch_impl.elastic import ElasticLRScheduler, ElasticState
 from launcher import write_results
@@ -146,6 +146,7 @@ def main() -> None:
 
     train(state)
     write_results(hvd.rank(), {
+        "framework": "torch",
         "rank": hvd.rank(),
         "size": hvd.size(),
         "hostname": HOSTNAME,

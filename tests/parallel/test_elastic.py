@@ -4,8 +4,9 @@ One elastic launch per framework (Gloo, ``--host-discovery-script`` with ``local
 and ``127.0.0.1:1`` as two hosts, ``--blacklist-cooldown-range 1 2``) runs
 ``elastic_torch_worker.py`` (the package's ElasticState with LARS in its
 DistributedOptimizer) or ``elastic_keras_worker.py`` (the same under
-``model.fit`` with ``hvd_largebatch.tf.elastic``); the plan is in the torch
-worker's docstring. From what the
+``model.fit`` with ``hvd_largebatch.tf.elastic``, two backward passes per
+update, arrays, ``tf.data`` and ``PyDataset`` inputs, the host back in the
+middle of an epoch); the plans are in the workers' docstrings. From what the
 survivor and the newcomer return, the test checks that:
 
 * the job did every planned update: each epoch's global batches add up to
@@ -16,7 +17,10 @@ survivor and the newcomer return, the test checks that:
   newcomer exactly rank 0's state; all ranks were identical after every
   update made by two workers;
 * every example was trained on exactly once per epoch;
-* the LR of every update is the recipe's for that update's global batch.
+* the LR of every update is the recipe's for that update's global batch;
+* Keras: every update was whole (no commit between micro-batches), the
+  restore after a worker died mid-update started a whole update again,
+  and the tf.data and PyDataset epochs resumed mid-epoch on another world size.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from hvd_largebatch.elastic_schedule import ElasticSchedule
+from hvd_largebatch.schedules import ElasticSchedule
 from launcher import run_elastic_under_horovod
 
 WORKERS = {framework: Path(__file__).with_name(f"elastic_{framework}_worker.py") for framework in ("torch", "keras")}
@@ -73,8 +77,11 @@ def test_every_planned_update_was_done_across_2_1_2_workers(results):
     assert changes == [2, 1, 2], sizes
     assert [e["examples_seen"] for e in log] == [sum(e["global_batch"] for e in log[:i]) for i in range(len(log))]
     assert first["examples_seen"] == first["epochs"] * first["dataset_size"]
-    # 8 updates of 8, 2 of 8 committed before the failure, 12 of 4 after it, 8 of 8
-    assert len(log) == 8 + 2 + 12 + 8
+    planned = {
+        "torch": 8 + 2 + 12 + 8,  # 8 updates of 8, 2 of 8 committed before the failure, 12 of 4 after it, 8 of 8
+        "keras": 8 + 2 + 12 + 4 + 6,  # the same to epoch 2, which has 4 updates of 4 and, with the host back, 6 of 8
+    }
+    assert len(log) == planned[first["framework"]]
 
 
 def test_restore_gives_back_the_last_commit_bit_for_bit(results):
@@ -111,4 +118,26 @@ def test_lr_of_every_update_is_the_recipe_for_its_global_batch(results):
     recipe = ElasticSchedule.from_config(first["recipe"])
     got = [(e["examples_seen"], e["global_batch"], e["lr"]) for e in first["log"]]
     assert got == [(e, b, recipe.lr(e, b)) for e, b, _ in got]
-    assert {e["global_batch"] for e in first["log"]} == {first["per_worker_batch"], 2 * first["per_worker_batch"]}
+    per_update = first["per_worker_batch"] * first.get("backward_passes_per_step", 1)
+    assert {e["global_batch"] for e in first["log"]} == {per_update, 2 * per_update}
+
+
+def test_keras_updates_whole_and_inputs_resumed_mid_epoch_on_another_world(results):
+    first = results[0]
+    if first["framework"] != "keras":
+        pytest.skip("the torch worker's loop feeds its batches itself")
+    log = first["log"]
+    assert {e["passes_into_update"] for e in log} == {0}  # logged (and committed) at update boundaries only
+    assert [e["iterations"] for e in log] == list(range(1, len(log) + 1))  # one optimizer update per logged update
+    restore = [e for e in first["events"] if e["event"] == "restore"][0]
+    # the worker died after the first of two micro-batches: the survivor's restore starts a whole update again
+    assert (restore["passes_after"], restore["accumulated_after"]) == (0, 0.0)
+    sizes_by_input = {}
+    for entry in log:
+        sizes_by_input.setdefault(entry["input"], []).append(entry["size"])
+    assert {kind: sorted(set(sizes)) for kind, sizes in sizes_by_input.items()} == {
+        "arrays": [2], "tf.data": [1, 2], "PyDataset": [1, 2],
+    }
+    # tf.data: two workers, then one; PyDataset: one worker, then two (a mid-epoch change each way)
+    assert sizes_by_input["tf.data"] == sorted(sizes_by_input["tf.data"], reverse=True)
+    assert sizes_by_input["PyDataset"] == sorted(sizes_by_input["PyDataset"])

@@ -40,7 +40,7 @@ def torch_main() -> None:
     import torch
 
     import torch_worker
-    from hvd_largebatch.elastic_schedule import ElasticSchedule
+    from hvd_largebatch.schedules import ElasticSchedule
     from hvd_largebatch.torch_impl import DistributedOptimizer, create_optimizer
     from hvd_largebatch.torch_impl.elastic import ElasticLRScheduler, ElasticState
     from launcher import write_results
@@ -91,7 +91,7 @@ def keras_main(directory: Path) -> None:
     results = topology(hvd)
     results["fit/lars"] = keras_worker.fit_check("lars")
 
-    from hvd_largebatch.elastic_schedule import ElasticSchedule
+    from hvd_largebatch.schedules import ElasticSchedule
     from hvd_largebatch.tf import DistributedOptimizer, create_optimizer
     from hvd_largebatch.tf.elastic import ElasticState
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hvd_largebatch import schedules
-from hvd_largebatch.elastic_schedule import ElasticSchedule
+from hvd_largebatch.schedules import ElasticSchedule
 from hvd_largebatch.torch_impl import LARS, GradualWarmupScheduler
 from hvd_largebatch.torch_impl.elastic import ElasticLRScheduler, ElasticState
 

@@ -1,4 +1,4 @@
-"""A learning-rate recipe counted in examples seen, so the LR follows the global batch when the world size changes.
+"""The LR recipe counted in examples seen, and the batch policy: what follows the world size in elastic training.
 
 Under Horovod elastic training workers are lost and added; with a fixed
 per-worker batch the global batch ``B`` changes with them. A step-indexed
@@ -29,15 +29,18 @@ After a change to ``B'`` at ``e0`` the schedule to continue with is
 ``k -> lr(e0 + k * B', B')``: the same warmup fraction, the same decay epoch,
 the peak of the new batch, and the run ends after the same number of examples.
 
-The other choice, keeping ``B`` by changing the per-worker batch
-(:func:`~hvd_largebatch.schedules.per_worker_batch_size`), needs no
-rescaling: pass the same ``B`` after the change.
+:class:`ElasticBatch` is the batch policy: either the per-worker batch is
+kept and ``B = per_worker_batch * world_size * backward_passes_per_step``
+follows the world, or ``B`` is kept and the per-worker batch becomes
+``B / (world_size * backward_passes_per_step)``
+(:func:`~hvd_largebatch.schedules.per_worker_batch_size`), which needs no
+rescaling of the LR.
 
 Example:
     Goyal's recipe (0.1 per 256, 5 warmup epochs, x0.1 at epochs 30, 60, 80)
     on 1,280,000 examples, evaluated 2.5 epochs in at two global batches:
 
-    >>> from hvd_largebatch.elastic_schedule import ElasticSchedule
+    >>> from hvd_largebatch.schedules import ElasticSchedule
     >>> s = ElasticSchedule.from_epochs(0.1, 256, examples_per_epoch=1280000, epochs=90,
     ...                                 warmup_epochs=5, decay="step", milestones=(30, 60, 80))
     >>> round(s.lr(3200000, 8192), 6), round(s.lr(3200000, 4096), 6)
@@ -49,26 +52,31 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
-from hvd_largebatch.config import check_choice, check_non_negative, check_positive, check_positive_int
-from hvd_largebatch.schedules import DECAY_KINDS, SCALING_RULES, WARMUP_KINDS, Schedule, scale_lr
+from hvd_largebatch.config import (
+    check_choice,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+)
+from hvd_largebatch.schedules.batch import per_worker_batch_size
+from hvd_largebatch.schedules.decay import DECAY_KINDS, cosine_decay, decay_progress, poly_decay, step_decay
+from hvd_largebatch.schedules.record import Schedule, checked_decay_factors, config_of, from_config_of
+from hvd_largebatch.schedules.scaling import SCALING_RULES, scale_lr
+from hvd_largebatch.schedules.warmup import WARMUP_KINDS, WARMUPS
 
-__all__ = ["ElasticSchedule"]
+__all__ = ["ElasticSchedule", "ElasticBatch", "check_elastic_schedule"]
 
 Number = Union[int, float]
 
 
 def _check_examples(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-        type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "kind", "") in "iu"
-    ):
-        raise ValueError(f"{name} must be an integer >= 0 (a number of examples), got {value!r}")
-    if int(value) < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (a number of examples), got {value!r}")
-    return int(value)
+    return check_non_negative_int(name, value, meaning="a number of examples")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +114,7 @@ class ElasticSchedule:
     end_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        def set_field(name: str, value: Any) -> None:  # the dataclass is frozen
-            object.__setattr__(self, name, value)
-
+        set_field = functools.partial(object.__setattr__, self)  # the dataclass is frozen
         set_field("base_lr", check_non_negative("base_lr", self.base_lr))
         set_field("base_batch", check_positive_int("base_batch", self.base_batch))
         set_field("total_examples", check_positive_int("total_examples", self.total_examples))
@@ -125,11 +131,8 @@ class ElasticSchedule:
         if self.warmup_start is not None:
             set_field("warmup_start", check_non_negative("warmup_start", self.warmup_start))
         check_choice("decay", self.decay, DECAY_KINDS)
-        set_field("gamma", check_positive("gamma", self.gamma))
-        if self.gamma > 1:
-            raise ValueError(f"gamma must be in (0, 1] (a decay factor), got {self.gamma!r}")
-        set_field("power", check_positive("power", self.power))
-        set_field("end_lr", check_non_negative("end_lr", self.end_lr))
+        for name, value in checked_decay_factors(self.gamma, self.power, self.end_lr).items():
+            set_field(name, value)
         raw = self.milestones
         if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Iterable):
             raise ValueError(f"milestones must be a sequence of example counts, got {raw!r}")
@@ -298,27 +301,22 @@ class ElasticSchedule:
         """
         e = min(_check_examples("examples_seen", examples_seen), self.total_examples)
         peak = self.peak(global_batch)
-        warmup_examples = self.warmup_examples
-        if e < warmup_examples:
+        if e < self.warmup_examples:
             start = self.base_lr if self.warmup_start is None else self.warmup_start
-            if self.warmup == "gradual":
-                return start + (peak - start) * e / warmup_examples
-            return float(start)
+            return WARMUPS[self.warmup].value(e, self.warmup_examples, start, peak)
         if self.decay == "constant":
             return peak
         if self.decay == "step":
-            return peak * self.gamma ** sum(1 for m in self.milestones if m <= e)
+            return step_decay(e, peak, self.milestones, self.gamma)
         if self.end_lr > peak:
             raise ValueError(
                 f"end_lr={self.end_lr!r} exceeds the peak {peak!r} of global_batch={global_batch}; "
                 f"allowed: end_lr <= peak for decay={self.decay!r}"
             )
-        span = self.total_examples - warmup_examples
-        progress = (e - warmup_examples) / span if span else 1.0
+        progress = decay_progress(e, self.warmup_examples, self.total_examples)
         if self.decay == "cosine":
-            return self.end_lr + (peak - self.end_lr) * (1.0 + math.cos(math.pi * progress)) / 2.0
-        power = 1.0 if self.decay == "linear" else self.power
-        return self.end_lr + (peak - self.end_lr) * (1.0 - progress) ** power
+            return cosine_decay(progress, peak, self.end_lr)
+        return poly_decay(progress, peak, self.end_lr, 1.0 if self.decay == "linear" else self.power)
 
     def to_schedule(self, global_batch: int) -> Schedule:
         """The step :class:`Schedule` of this recipe at a constant ``global_batch`` (update ``t`` after ``t * B``).
@@ -356,9 +354,7 @@ class ElasticSchedule:
     # -- serialisation --------------------------------------------------------
     def to_config(self) -> dict[str, Any]:
         """Every field as a JSON-able dict; :meth:`from_config` inverts it exactly."""
-        values = dataclasses.asdict(self)
-        values["milestones"] = list(self.milestones)
-        return values
+        return config_of(self)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ElasticSchedule:
@@ -367,13 +363,76 @@ class ElasticSchedule:
         Raises:
             ValueError: naming ``config`` when it is not a mapping, or naming unknown keys or invalid fields.
         """
-        if not isinstance(config, Mapping):
-            raise ValueError(f"config must be a mapping from ElasticSchedule.to_config(), got {config!r}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(config) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown ElasticSchedule config key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
-        values = dict(config)
-        if isinstance(values.get("milestones"), list):
-            values["milestones"] = tuple(values["milestones"])
-        return cls(**values)
+        return from_config_of(cls, config, required=("base_lr", "base_batch", "total_examples"))
+
+
+def check_elastic_schedule(schedule: Any) -> ElasticSchedule:
+    """Returns ``schedule`` if it is an :class:`ElasticSchedule`; the error both frameworks' elastic parts raise.
+
+    Raises:
+        ValueError: naming ``schedule``: a step :class:`Schedule` (lengths in
+            updates of one global batch) cannot follow a change of global
+            batch and must be converted with :meth:`ElasticSchedule.from_schedule`.
+    """
+    if not isinstance(schedule, ElasticSchedule):
+        raise ValueError(
+            "schedule must be a hvd_largebatch.schedules.ElasticSchedule (lengths in examples), got "
+            f"{type(schedule).__name__}; a step Schedule cannot follow a change of global batch: convert it "
+            "with ElasticSchedule.from_schedule(schedule, global_batch=..., base_lr=..., base_batch=...)"
+        )
+    return schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticBatch:
+    """The batch policy of elastic training: which of the per-worker and the global batch is kept on a change.
+
+    Exactly one of ``per_worker_batch`` and ``global_batch`` is given:
+
+    * ``per_worker_batch`` (kept): ``B = per_worker_batch * world_size * k``
+      follows the world, and with it the recipe's peak LR;
+    * ``global_batch`` (kept): the per-worker batch becomes
+      ``B / (world_size * k)`` (a world size that does not divide it is
+      refused), and the LR stays where the recipe is for ``B``;
+
+    with ``k = backward_passes_per_step`` (local gradient accumulation).
+
+    Raises:
+        ValueError: naming the argument.
+
+    Example:
+        >>> ElasticBatch(per_worker_batch=32, backward_passes_per_step=2).for_world(4)
+        (32, 256)
+        >>> ElasticBatch(global_batch=256).for_world(2)
+        (128, 256)
+    """
+
+    per_worker_batch: int | None = None
+    global_batch: int | None = None
+    backward_passes_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.per_worker_batch is None) == (self.global_batch is None):
+            raise ValueError(
+                f"exactly one of per_worker_batch and global_batch must be given, got per_worker_batch="
+                f"{self.per_worker_batch!r} and global_batch={self.global_batch!r}"
+            )
+        for name in ("per_worker_batch", "global_batch"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
+        object.__setattr__(
+            self, "backward_passes_per_step", check_positive_int("backward_passes_per_step", self.backward_passes_per_step)
+        )
+
+    def for_world(self, world_size: int) -> tuple[int, int]:
+        """``(per_worker_batch, global_batch)`` on ``world_size`` workers (per-worker: per backward pass).
+
+        Raises:
+            ValueError: naming ``world_size``, or ``global_batch`` when the
+                workers cannot share it equally.
+        """
+        world_size = check_positive_int("world_size", world_size)
+        k = self.backward_passes_per_step
+        if self.global_batch is not None:
+            return per_worker_batch_size(self.global_batch, world_size, k), self.global_batch
+        return self.per_worker_batch, self.per_worker_batch * world_size * k
