@@ -219,6 +219,7 @@ def test_recipes_differ_as_documented():
         assert cell.schedule.warmup == "gradual" and cell.schedule.decay == "poly" and cell.schedule.power == 2
     assert clars.schedule.warmup == "none" and clars.schedule.decay == "poly"
     assert clars.optimizer == "clars" and clars.optimizer_config["estimator"] == "exact"
+    assert clars.optimizer_config["trust_coefficient"] == 16 * lars.optimizer_config["trust_coefficient"]
     assert conadv.optimizer == "lars" and conadv.conadv["dual_bn"] is True and lars.conadv is None
     assert lamb.scaling == "sqrt" and lamb.optimizer_config["weight_decay"] == 0.01
     # Every hyperparameter of the optimizer record is written out, defaults included.
