@@ -22,11 +22,12 @@ demo: setup  ## the main job, short: a batch-size study under horovodrun -np 2, 
 	@rm -rf results/demo
 	$(VENV)/bin/hvd-largebatch bench --framework torch $(DEMO_STUDY)
 
-bench: setup  ## optimizer and CLARS step-time benchmarks (ratios measured side by side)
+bench: setup  ## optimizer, CLARS, ConAdv and Horovod step-time benchmarks (ratios measured side by side)
 	$(PY) benchmarks/torch_optimizers.py
 	$(PY) benchmarks/keras_optimizers.py
 	$(PY) benchmarks/conadv_step_time.py
 	$(PY) benchmarks/clars_step_time.py
+	$(PY) benchmarks/horovod_step_overhead.py
 
 clean:
 	rm -rf build dist *.egg-info results .pytest_cache
