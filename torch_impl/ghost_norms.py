@@ -251,7 +251,7 @@ class GhostRecorder:
             elif isinstance(module, _CONV_TYPES):
                 weight, bias = _conv_squared_norms(module, activation, grad)
             else:
-                weight, bias = _norm_squared_norms(_normalised(module, *activation), grad)
+                weight, bias = _norm_squared_norms(module, *activation, grad)
             for p, value in ((module.weight, weight), (module.bias, bias)):
                 if p is not None and id(p) in self._wanted and id(p) not in self._unsupported:
                     result[id(p)] = value
@@ -263,6 +263,11 @@ def _slices(batch: int, per_example: int) -> list[slice]:
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
+def _gram_is_cheaper(positions: int, rows: int, columns: int) -> bool:
+    """Whether ``||g^T a||_F^2`` for ``a: (positions, rows)``, ``g: (positions, columns)`` is cheaper by Gram matrices."""
+    return positions * (rows + columns) <= rows * columns
+
+
 def _gram_or_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``||g_n a_n||_F^2`` for every ``n``, for ``a: (N, T, p)`` and ``g: (N, q, T)``, the cheaper exact way."""
     n, t, p = a.shape
@@ -270,14 +275,14 @@ def _gram_or_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if t == 1:
         return a.square().sum((1, 2)) * g.square().sum((1, 2))
     out = a.new_empty(n)
-    if t * t * (p + q) <= t * p * q:
+    if _gram_is_cheaper(t, p, q):
         for part in _slices(n, t * t):
             gram_a = torch.bmm(a[part], a[part].transpose(1, 2))
             gram_g = torch.bmm(g[part].transpose(1, 2), g[part])
             out[part] = (gram_a * gram_g).sum((1, 2))
     else:
         for part in _slices(n, p * q):
-            out[part] = torch.bmm(g[part], a[part]).square().sum((1, 2))
+            out[part] = torch.linalg.vector_norm(torch.bmm(g[part], a[part]), dim=(1, 2)).square()
     return out
 
 
@@ -298,59 +303,86 @@ def _conv_input_and_padding(module: nn.Module, x: torch.Tensor) -> tuple[torch.T
 
 
 def _conv_patches(module: nn.Module, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
-    """``(B, C_in * prod(kernel), L)``: the input patch each output position of the convolution sees."""
+    """``(B * groups, L, C_in/groups * prod(kernel))``: the input patch each output position of the convolution sees.
+
+    1-D: windows of a strided view of the padded input, copied once into
+    place; 2-D: ``F.unfold``.
+    """
+    batch, groups = x.shape[0], module.groups
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     if x.dim() == 3:
-        x = x.unsqueeze(2)
-        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        if padding[0]:
+            x = F.pad(x, (padding[0], padding[0]))
+        span = dilation[0] * (kernel[0] - 1) + 1
+        windows = x.unfold(2, span, stride[0])[..., :: dilation[0]]  # (B, C_in, L, k), a view
+        positions = windows.shape[2]
+        windows = windows.reshape(batch, groups, -1, positions, kernel[0]).transpose(2, 3)
+        return windows.reshape(batch * groups, positions, -1).contiguous()  # overlapping windows: one copy
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C_in*K, L), channel-major
+    return patches.reshape(batch * groups, -1, patches.shape[-1]).transpose(1, 2)
+
+
+def conv_norm_form(module: nn.Module, positions: int) -> str:
+    """How the per-example kernel norms of a convolution with ``positions`` output positions are evaluated.
+
+    ``"gram"``: the Gram form on the input patches (cost per example and
+    group ``~ L^2 (rows + C_out/groups)``); ``"product"``: the per-example
+    kernel gradients themselves (``~ L * rows * C_out/groups``), formed and
+    reduced at once; the cheaper of the two. ``rows`` is
+    ``C_in/groups * prod(kernel)``.
+    """
+    rows = module.in_channels // module.groups * math.prod(module.kernel_size)
+    return "gram" if _gram_is_cheaper(positions, rows, module.out_channels // module.groups) else "product"
 
 
 def _conv_squared_norms(module: nn.Module, activation: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gram form on unfolded patches when the output is small, else the per-example kernel gradients.
+    """Per-example squared norms of a convolution's kernel and bias, in the form :func:`conv_norm_form` picks.
 
-    The per-example kernel gradients of a slice of ``b`` examples are one
-    weight-gradient convolution with the examples as ``b * groups`` groups
-    (torch's own convolution backward), squared and summed at once.
+    Gram form and 1-D products work on the input patches (one batched
+    matrix product per slice of examples). 2-D products are one
+    weight-gradient convolution per slice of ``b`` examples with the
+    examples as ``b * groups`` groups (torch's own convolution backward,
+    which beats unfolding the patches there), squared and summed at once.
     """
     batch, groups = activation.shape[0], module.groups
     g = grad.reshape(batch, grad.shape[1], -1)  # (B, C_out, L)
     positions, out_rows = g.shape[-1], module.out_channels // groups
     rows = module.in_channels // groups * math.prod(module.kernel_size)
     x, padding = _conv_input_and_padding(module, activation)
-    weight = activation.new_zeros(batch)
-    gram = positions * positions * (rows + out_rows) <= positions * rows * out_rows
-    per_example = groups * (positions * positions + positions * rows) if gram else module.weight.numel()
-    for part in _slices(batch, per_example):
+    weight = activation.new_empty(batch)
+    form = conv_norm_form(module, positions)
+    if form == "gram" or x.dim() == 3:
+        per_example = groups * (positions * positions + positions * rows if form == "gram" else positions * rows + rows * out_rows)
+        for part in _slices(batch, per_example):
+            a = _conv_patches(module, x[part], padding)
+            b = a.shape[0] // groups
+            weight[part] = _gram_or_product(a, g[part].reshape(b * groups, out_rows, positions)).reshape(b, groups).sum(1)
+        return weight, g.sum(2).square().sum(1)
+    for part in _slices(batch, module.weight.numel()):
         xs, gs = x[part], grad[part]
         b = xs.shape[0]
-        if gram:
-            a = _conv_patches(module, xs, padding)  # (b, C_in*K, L); channel-major, so groups split the rows
-            a = a.reshape(b * groups, rows, positions).transpose(1, 2)
-            weight[part] = _gram_or_product(a, g[part].reshape(b * groups, out_rows, positions)).reshape(b, groups).sum(1)
-            continue
-        spatial = xs.shape[2:]
-        kernel_shape = (b * module.out_channels, module.in_channels // groups, *module.kernel_size)
-        per_example_kernels = torch.ops.aten.convolution_backward(
+        per_example_kernels = torch.nn.grad.conv2d_weight(
+            xs.reshape(1, b * module.in_channels, *xs.shape[2:]),
+            (b * module.out_channels, module.in_channels // groups, *module.kernel_size),
             gs.reshape(1, b * module.out_channels, *gs.shape[2:]),
-            xs.reshape(1, b * module.in_channels, *spatial),
-            module.weight.detach().expand(b, *module.weight.shape).reshape(kernel_shape),
-            None, list(module.stride), list(padding), list(module.dilation), False, [0] * len(spatial),
-            b * groups, [False, True, False],
-        )[1]
-        weight[part] = per_example_kernels.reshape(b, -1).square().sum(1)
+            module.stride, padding, module.dilation, b * groups,
+        )
+        weight[part] = torch.linalg.vector_norm(per_example_kernels.reshape(b, -1), dim=1).square()
     return weight, g.sum(2).square().sum(1)
 
 
-def _normalised(module: nn.Module, x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None) -> torch.Tensor:
-    """``xhat``, normalised by the statistics the layer used (the batch's, or the running ones)."""
-    shape = [1, -1] + [1] * (x.dim() - 2)
+def _norm_squared_norms(module: nn.Module, x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
+                        grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example squared norms of BatchNorm's scale ``sum g * xhat`` and shift ``sum g`` (per channel).
+
+    ``xhat`` is normalised by the statistics the layer used (the batch's,
+    or the running ones); the centring is done in one temporary that then
+    takes the product, and ``1/sigma`` is applied to the per-channel sums.
+    """
+    batch, channels = x.shape[0], x.shape[1]
     if mean is None:
         mean, invstd = module.running_mean, torch.rsqrt(module.running_var + module.eps)
-    return (x - mean.view(shape)) * invstd.view(shape)
-
-
-def _norm_squared_norms(xhat: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, channels = xhat.shape[0], xhat.shape[1]
     g = grad.reshape(batch, channels, -1)
-    return (g * xhat.reshape(batch, channels, -1)).sum(2).square().sum(1), g.sum(2).square().sum(1)
+    centred = x.reshape(batch, channels, -1) - mean.to(x.dtype)[:, None]
+    scale = centred.mul_(g).sum(2) * invstd.to(x.dtype)
+    return scale.square().sum(1), g.sum(2).square().sum(1)
