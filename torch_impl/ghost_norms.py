@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GhostRecorder", "has_ghost_rule"]
+__all__ = ["GhostRecorder", "conv_norm_form", "has_ghost_rule"]
 
 #: Upper bound on the numbers one slice of examples may hold in an intermediate of a rule.
 _SLICE_ELEMENTS = 1 << 23

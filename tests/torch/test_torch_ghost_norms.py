@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvd_largebatch.torch_impl import CLARS, loss_and_grad_norm_sums, per_example_grad_norm_sums, per_example_grad_norms
-from hvd_largebatch.torch_impl.ghost_norms import GhostRecorder
+from hvd_largebatch.torch_impl.ghost_norms import GhostRecorder, conv_norm_form
 
 
 class _TwiceUsed(nn.Module):
@@ -53,6 +53,14 @@ MODELS = [
     ("conv2d-nobias-groups", lambda: nn.Sequential(
         nn.Conv2d(4, 6, 3, groups=2, padding=2, padding_mode="replicate", bias=False), nn.ReLU(), nn.Flatten(),
         nn.Linear(6 * 7 * 7, 3)), (4, 5, 5)),
+    # 1-D Gram form with groups and padding, then a dilated grouped product
+    ("conv1d-gram-groups-bn", lambda: nn.Sequential(
+        nn.Conv1d(8, 8, 3, stride=3, padding=1, groups=2), nn.BatchNorm1d(8), nn.ReLU(),
+        nn.Conv1d(8, 8, 2, stride=1, dilation=2, padding=1, groups=2), nn.Flatten(), nn.Linear(8 * 2, 3)), (8, 6)),
+    # 2-D Gram form (small output, many rows), with bias and BatchNorm, grouped and not
+    ("conv2d-gram-bn", lambda: nn.Sequential(
+        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 2, groups=2, bias=False), nn.Flatten(), nn.Linear(12, 3)), (6, 4, 4)),
     ("bn-eval-and-no-running-stats", lambda: nn.Sequential(
         nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4).eval(), nn.ReLU(), nn.Conv1d(4, 4, 3),
         nn.BatchNorm1d(4, track_running_stats=False), nn.Flatten(), nn.Linear(4 * 4, 3)), (2, 8)),
@@ -93,6 +101,20 @@ def test_ghost_norms_equal_the_vmap_reference_and_fused_training_pass_is_the_pla
     for (name, b), c in zip(model.named_buffers(), plain.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-12, atol=0, msg=name)
     assert all(isinstance(m, nn.Module) and "forward" not in m.__dict__ for m in model.modules())
+
+
+def test_the_models_cover_both_convolution_forms_in_one_and_two_dimensions():
+    forms = set()
+    for _, build, shape in MODELS:
+        model, x, _ = _model_and_batch(build, shape)
+        hooks = [
+            m.register_forward_hook(lambda m, args, out: forms.add((out.dim() - 2, conv_norm_form(m, out[0, 0].numel()))))
+            for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))
+        ]
+        model(x)
+        for hook in hooks:
+            hook.remove()
+    assert forms == {(1, "gram"), (1, "product"), (2, "gram"), (2, "product")}
 
 
 def test_the_recorder_measures_rule_layers_and_names_the_rest():
