@@ -29,7 +29,10 @@ It prints each optimizer's time, floor and ratio, and the package's LARS
 against ``torch.optim.SGD(momentum=0.9, weight_decay=1e-4)`` on each of
 torch's paths (foreach, for-loop, fused). Each package optimizer runs on
 its default path (``fused`` where torch's fused SGD kernel computes its
-rule, else ``foreach``; LAMB has no fused path) and on the other paths.
+rule, else ``foreach``; LAMB has no torch kernel), on the other paths, and
+with ``fused="numba"`` (compiled single-pass loops, ``torch_impl/cpu_kernels.py``;
+its first step's wall time, which compiles the loops or loads them from
+numba's disk cache, is printed apart as its warm-up).
 
 Part 2 times one training step (forward, backward, optimizer step) of a small
 1-D CNN with BatchNorm at batch 128 with LARS, and with CLARS measuring
@@ -265,13 +268,18 @@ def optimizer_factories() -> dict[str, tuple[int, object]]:
         "LARS single-tensor": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=False,
                                                  foreach=False)),
         "LARC": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, clip=True)),
+        "SGD numba": (6, lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused="numba")),
+        "LARS numba": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused="numba")),
+        "LARC numba": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, clip=True, fused="numba")),
         "LAMB": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01)),
+        "LAMB numba": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, fused="numba")),
         "LAMB single-tensor": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, foreach=False)),
     }
 
 
-def time_optimizer_steps(rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per ``step()`` of every optimizer and of the floor's in-place add, measured round-robin."""
+def time_optimizer_steps(rounds: int, warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per ``step()`` of every optimizer and of the floor's in-place add, measured round-robin;
+    and the wall seconds of each one's first step (warm-up)."""
     weights, grads = resnet50_tensors()
     assert len(weights) == 161 and sum(t.numel() for _, t in weights) == RESNET50_PARAMETERS
     steps = {}
@@ -283,6 +291,11 @@ def time_optimizer_steps(rounds: int, warmup: int = 3) -> dict[str, float]:
     a, b = (torch.randn(RESNET50_PARAMETERS) for _ in range(2))
     steps[FLOOR] = lambda: a.add_(b)
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    first_steps = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()
+        first_steps[name] = time.perf_counter() - start
     for round_index in range(warmup + rounds):
         for name, step in steps.items():
             start = clock()
@@ -290,7 +303,7 @@ def time_optimizer_steps(rounds: int, warmup: int = 3) -> dict[str, float]:
             elapsed = clock() - start
             if round_index >= warmup:
                 samples[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistics.median(values) for name, values in samples.items()}, first_steps
 
 
 def _bench_cnn() -> torch.nn.Module:
@@ -346,7 +359,7 @@ def main() -> None:
     clock = CLOCKS[args.clock]
 
     load_before = os.getloadavg()[0]
-    times = time_optimizer_steps(args.rounds)
+    times, first_steps = time_optimizer_steps(args.rounds)
     one_pass = times[FLOOR] / ADD_PASSES
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
           f"{args.threads} thread(s), {args.clock} time, load average {load_before:.1f} before / "
@@ -359,8 +372,12 @@ def main() -> None:
     for name, (passes, _) in optimizer_factories().items():
         floors[name] = times[name] / (passes * one_pass)
         print(f"{name:<22} {times[name] * 1e3:9.2f} {passes:7d} {passes * one_pass * 1e3:9.2f} {floors[name]:7.2f}")
-    print(f"targets: SGD {floors['SGD']:.2f}x its floor (<= 1.25), LARS {floors['LARS']:.2f}x (<= 1.25), "
-          f"LARC {floors['LARC']:.2f}x (<= 1.25), LAMB {floors['LAMB']:.2f}x (<= 1.3)")
+    for path, suffix in (("default path", ""), ('fused="numba"', " numba")):
+        print(f"targets, {path}: SGD {floors['SGD' + suffix]:.2f}x its floor (<= 1.25), "
+              f"LARS {floors['LARS' + suffix]:.2f}x (<= 1.25), LARC {floors['LARC' + suffix]:.2f}x (<= 1.25), "
+              f"LAMB {floors['LAMB' + suffix]:.2f}x (<= 1.3)")
+    print('warm-up (first step, wall time; fused="numba" compiles its loops or loads them from the disk cache): '
+          + ", ".join(f"{name} {first_steps[name]:.2f} s" for name in optimizer_factories() if "numba" in name))
     print("LARS / torch SGD: " + ", ".join(
         f"{path} {times['LARS'] / times['torch SGD ' + path]:.2f}" for path in ("foreach", "for-loop", "fused")
     ) + " (target: below 1 against foreach)")

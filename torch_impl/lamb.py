@@ -49,8 +49,10 @@ class LAMB(LargeBatchOptimizer):
         eps: added to the square root (>= 0).
         weight_decay: ``beta`` (>= 0), decoupled from the moments but inside ``u``.
         exclude_from_weight_decay, exclude_from_layer_adaptation: as :class:`LARS`.
-        foreach, nonfinite: as :class:`~hvd_largebatch.torch_impl.optimizer_base.LargeBatchOptimizer`
-            (LAMB has no fused path: no torch kernel computes its rule).
+        foreach, fused, nonfinite: as :class:`~hvd_largebatch.torch_impl.optimizer_base.LargeBatchOptimizer`.
+            No torch kernel computes LAMB's rule, so ``fused`` None, True and
+            False all take the ``foreach`` path; ``fused="numba"`` runs two
+            compiled loops per tensor (moments and norms, then the step).
 
     Raises:
         ValueError: naming the argument, for any value out of range.
@@ -78,6 +80,7 @@ class LAMB(LargeBatchOptimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         foreach: bool | None = None,
+        fused: bool | str | None = None,
         nonfinite: str = _D.nonfinite,
     ) -> None:
         self._workspace: dict = {}  # reused temporaries of the foreach path, never saved
@@ -128,6 +131,7 @@ class LAMB(LargeBatchOptimizer):
             foreach=self._foreach(group),
             trust_ratios_out=ratios_out,
             workspace=self._workspace,
+            fused=self._fused(group),
         )
         for p, step in zip(work.params, steps):
             self.state[p]["step"] = step

@@ -16,9 +16,12 @@ Note where we differ: the paper's scaling function ``phi(||w||)`` is the
 identity here (as in most implementations), bias correction is on (the paper
 leaves it optional), and ``eps`` sits outside the square root as in Adam.
 
-:func:`lamb_update` has a single-tensor path and a ``torch._foreach_*`` path
-(trust ratios of a chunk in one ``torch.where``, no ``.item()``); tests show
-them equal in float64.
+:func:`lamb_update` has a single-tensor path, a ``torch._foreach_*`` path
+(trust ratios of a chunk in one ``torch.where``, no ``.item()``) and, with
+``fused="numba"``, two compiled loops per tensor
+(:mod:`hvd_largebatch.torch_impl.cpu_kernels`: the moments with both norms,
+then the step) for CPU float32/float64 tensors; tests show them equal in
+float64.
 
 float16 and bfloat16 tensors are updated through float32 working copies
 with float32 moments (:mod:`hvd_largebatch.torch_impl.mixed_precision`):
@@ -31,8 +34,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from hvd_largebatch.torch_impl import cpu_kernels
 from hvd_largebatch.torch_impl.mixed_precision import check_state_dtypes, float32_working_copies, write_back
 from hvd_largebatch.torch_impl.tensor_lists import cache_sized_chunks, group_by_device_and_dtype, scalar_or_list
 
@@ -63,6 +68,7 @@ def lamb_update(
     foreach: bool = True,
     trust_ratios_out: list[torch.Tensor] | None = None,
     workspace: dict | None = None,
+    fused: bool | str = False,
 ) -> None:
     """Applies one LAMB update in place to ``params``, ``exp_avgs`` (``mu``) and ``exp_avg_sqs`` (``nu``).
 
@@ -87,6 +93,9 @@ def lamb_update(
             device and dtype (about one chunk, or the largest tensor)
             instead of being allocated every step, which on a CPU costs
             more than the arithmetic (page faults).
+        fused: ``"numba"``: the compiled loops for the tensors they serve
+            (the others take the path ``foreach`` picks); True or False: no
+            torch kernel computes LAMB, so the path ``foreach`` picks.
     """
     count = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(decay) == len(adapt) == count):
@@ -98,25 +107,36 @@ def lamb_update(
     check_state_dtypes(params, exp_avgs, "exp_avgs")
     check_state_dtypes(params, exp_avg_sqs, "exp_avg_sqs")
     targets, params, grads = params, float32_working_copies(params), float32_working_copies(grads)
-    _lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, decay, adapt, foreach, trust_ratios_out, workspace,
+    _lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, decay, adapt, foreach, fused, trust_ratios_out, workspace,
                  lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     write_back(targets, params)
 
 
-def _lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, decay, adapt, foreach, trust_ratios_out, workspace,
-                 *, lr, beta1, beta2, eps, weight_decay) -> None:
+def _lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, decay, adapt, foreach, fused, trust_ratios_out,
+                 workspace, *, lr, beta1, beta2, eps, weight_decay) -> None:
     # u = (mu / c1) / (sqrt(nu / c2) + eps) = k * u' with u' = mu / (sqrt(nu) + eps * sqrt(c2)) and
     # k = sqrt(c2) / c1 (c1, c2 the bias corrections). The paths compute u' + (beta / k) * w, whose norm is
     # ||u|| / k, and fold k into the trust ratio and the step: fewer passes over the tensors.
     scales = [math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps]
     eps_scaled = [eps * math.sqrt(1.0 - beta2**t) for t in steps]
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
-    if not foreach:
+    if not foreach and fused != cpu_kernels.NUMBA:
         _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt,
                        trust_ratios_out, **kwargs)
         return
     for bucket in group_by_device_and_dtype(params):
         pick = lambda seq: [seq[i] for i in bucket]  # noqa: E731 - local selector
+        if fused == cpu_kernels.NUMBA and cpu_kernels.serves(params[bucket[0]]):
+            _numba(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales), pick(eps_scaled),
+                   pick(decay), pick(adapt), trust_ratios_out, bucket, foreach, **kwargs)
+            continue
+        if not foreach:
+            out = None if trust_ratios_out is None else [None] * len(bucket)
+            _single_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales),
+                           pick(eps_scaled), pick(decay), pick(adapt), out, **kwargs)
+            for position, ratio in zip(bucket, out or []):
+                trust_ratios_out[position] = ratio
+            continue
         _multi_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales),
                       pick(eps_scaled), pick(decay), pick(adapt), trust_ratios_out, bucket, workspace, **kwargs)
 
@@ -139,6 +159,40 @@ def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, dec
         w.addcmul_(u, (ratio * scale * -lr)[0])
         if trust_ratios_out is not None:
             trust_ratios_out[i] = ratio[0]
+
+
+def _numba(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt, trust_ratios_out, positions,
+           foreach, *, lr, beta1, beta2, weight_decay) -> None:
+    # One CPU float32/float64 bucket: the moments and both norms of every tensor in one compiled call, the
+    # trust ratios in one expression, then the steps in a second call.
+    kernels = cpu_kernels.require()
+    device, dtype = params[0].device, params[0].dtype
+    served = [i for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)) if cpu_kernels.serves(*tensors)]
+    scalars = lambda values: np.array(values, dtype=cpu_kernels.numpy_dtype(dtype))  # noqa: E731
+    w_addresses, sizes = cpu_kernels.table([params[i] for i in served])
+    mu_addresses = cpu_kernels.addresses([exp_avgs[i] for i in served])
+    nu_addresses = cpu_kernels.addresses([exp_avg_sqs[i] for i in served])
+    eps = scalars([eps_scaled[i] for i in served])
+    decays = scalars([weight_decay / scales[i] if decay[i] else 0.0 for i in served])
+    w_sums, u_sums = scalars([0.0] * len(served)), scalars([0.0] * len(served))
+    kernels.lamb_moments(w_addresses, cpu_kernels.addresses([grads[i] for i in served]), mu_addresses, nu_addresses,
+                         sizes, scalars([1 - beta1, beta2, 1 - beta2]), eps, decays, w_sums, u_sums)
+    scale = torch.tensor([scales[i] for i in served], dtype=dtype, device=device)
+    ratios = lamb_trust_ratios(torch.from_numpy(w_sums).sqrt_(), torch.from_numpy(u_sums).sqrt_() * scale,
+                               adapt=torch.tensor([bool(adapt[i]) for i in served], device=device))
+    kernels.lamb_apply(w_addresses, mu_addresses, nu_addresses, sizes, eps, decays,
+                       (ratios * scale * -lr).numpy().astype(cpu_kernels.numpy_dtype(dtype)))
+    if trust_ratios_out is not None:
+        for i, ratio in zip(served, ratios.unbind()):
+            trust_ratios_out[positions[i]] = ratio
+    rest = sorted(set(range(len(params))) - set(served))
+    if rest:  # tensors laid out differently from their gradient or moments: the single-tensor rule
+        out = None if trust_ratios_out is None else [None] * len(rest)
+        pick = lambda seq: [seq[i] for i in rest]  # noqa: E731 - local selector
+        _single_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales), pick(eps_scaled),
+                       pick(decay), pick(adapt), out, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+        for i, ratio in zip(rest, out or []):
+            trust_ratios_out[positions[i]] = ratio
 
 
 def _scratch(workspace: dict | None, like: list[torch.Tensor]) -> list[torch.Tensor]:

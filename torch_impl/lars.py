@@ -92,7 +92,7 @@ class LARS(MomentumOptimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         foreach: bool | None = None,
-        fused: bool | None = None,
+        fused: bool | str | None = None,
         nonfinite: str = _D.nonfinite,
     ) -> None:
         super().__init__(params, constructor_defaults(locals()), exclude_from_weight_decay, exclude_from_layer_adaptation)

@@ -42,6 +42,12 @@ order of rounding. Tensors the kernel does not serve take the foreach (or
 single-tensor) path. The local rates of all tensors are one vectorised
 expression, read back as Python floats (a CPU tensor: no device sync).
 
+With ``fused="numba"`` each tensor the compiled loops of
+:mod:`hvd_largebatch.torch_impl.cpu_kernels` serve (CPU, float32/float64,
+contiguous) is updated in one loop, Nesterov and ``m*c == 0`` included, with
+the local rates computed as on the fused path; the others take the path
+``fused=True`` would take.
+
 float16 and bfloat16 tensors are updated through float32 working copies
 with float32 velocities (:mod:`hvd_largebatch.torch_impl.mixed_precision`):
 the norms, rates and the velocity are float32 and the weight is rounded to
@@ -52,8 +58,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from hvd_largebatch.torch_impl import cpu_kernels
 from hvd_largebatch.torch_impl.mixed_precision import check_state_dtypes, float32_working_copies, write_back
 from hvd_largebatch.torch_impl.tensor_lists import (
     cache_sized_chunks,
@@ -128,7 +136,8 @@ def momentum_update(
     clip: bool = False,
     foreach: bool = True,
     local_rates_out: list[torch.Tensor] | None = None,
-    fused: bool = False,
+    fused: bool | str = False,
+    weight_norms: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """Applies one SGD/LARS/LARC/CLARS update in place to ``params`` and ``velocities``.
 
@@ -157,8 +166,14 @@ def momentum_update(
         local_rates_out: None, or a list with one slot per tensor that
             receives each tensor's local rate ``lambda`` as a 0-d tensor (for
             trust-ratio statistics; costs nothing when None).
-        fused: use torch's fused SGD kernel for the tensors it serves (see
-            the module doc); the others take the path ``foreach`` picks.
+        fused: True: torch's fused SGD kernel for the tensors it serves (see
+            the module doc); ``"numba"``: the compiled loops of
+            :mod:`~hvd_largebatch.torch_impl.cpu_kernels` for the tensors they
+            serve, torch's fused kernel next; the others take the path
+            ``foreach`` picks.
+        weight_norms: per tensor 0-d tensors ``||w_i||`` already computed
+            (the optimizers' ``fused="numba"`` check reads them with
+            ``||g||``); computed here when None.
     """
     if not params:
         return
@@ -173,14 +188,14 @@ def momentum_update(
     targets, params, grads = params, float32_working_copies(params), float32_working_copies(grads)
     if adapt is not None and grad_norms is None:
         grad_norms = tensor_norms(grads, foreach)
-    _momentum_update(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms, local_rates_out,
-                     foreach, fused, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+    _momentum_update(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms, weight_norms,
+                     local_rates_out, foreach, fused, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                      trust_coefficient=trust_coefficient, eps=eps, clip=clip)
     write_back(targets, params)
 
 
-def _momentum_update(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms, local_rates_out,
-                     foreach, fused, *, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+def _momentum_update(params, grads, velocities, decay, velocity_corrections, adapt, grad_norms, weight_norms,
+                     local_rates_out, foreach, fused, *, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
     kwargs = dict(
         lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
         trust_coefficient=trust_coefficient, eps=eps, clip=clip,
@@ -196,7 +211,9 @@ def _momentum_update(params, grads, velocities, decay, velocity_corrections, ada
             None if adapt is None else pick(adapt), None if grad_norms is None else pick(grad_norms),
             local_rates_out, bucket,
         )
-        if fused and _fused_kernel_serves(params[bucket[0]], nesterov):
+        if fused == cpu_kernels.NUMBA and cpu_kernels.serves(params[bucket[0]]):
+            _numba(*args, None if weight_norms is None else pick(weight_norms), foreach=foreach, **kwargs)
+        elif fused and _fused_kernel_serves(params[bucket[0]], nesterov):
             _fused(*args, foreach=foreach, **kwargs)
         elif foreach:
             _multi_tensor(*args, **kwargs)
@@ -223,28 +240,64 @@ def _fused_kernel_serves(example: torch.Tensor, nesterov: bool) -> bool:
     )
 
 
+def _rates_as_floats(params, decay, adapt, grad_norms, weight_norms, local_rates_out, positions, *, lr, weight_decay,
+                     trust_coefficient, eps, clip) -> list[float]:
+    """The effective rate of every tensor of a CPU bucket as Python floats (``lr`` where there is no trust ratio)."""
+    if adapt is None:
+        return [float(lr)] * len(params)
+    device, dtype = params[0].device, params[0].dtype
+    if weight_norms is None:
+        weight_norms = torch._foreach_norm(params)
+    adapt_all = torch.tensor(list(adapt), dtype=torch.bool, device=device)
+    local = lars_local_rates(
+        torch.stack([n.to(device=device, dtype=dtype) for n in weight_norms]),
+        torch.stack([n.to(device=device, dtype=dtype) for n in grad_norms]),
+        adapt=adapt_all,
+        decay=torch.tensor(list(decay), dtype=torch.bool, device=device),
+        trust_coefficient=trust_coefficient,
+        weight_decay=weight_decay,
+        eps=eps,
+    )
+    if local_rates_out is not None:
+        for position, rate in zip(positions, local.unbind()):
+            local_rates_out[position] = rate
+    return effective_rates(local, adapt=adapt_all, lr=lr, clip=clip).tolist()
+
+
+def _numba(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions, weight_norms,
+           *, foreach, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+    # One CPU float32/float64 bucket: rates first (as on the fused path), then one compiled call for all tensors.
+    kernels = cpu_kernels.require()
+    rates = _rates_as_floats(params, decay, adapt, grad_norms, weight_norms, local_rates_out, positions, lr=lr,
+                             weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, clip=clip)
+    served = [i for i, tensors in enumerate(zip(params, grads, velocities)) if cpu_kernels.serves(*tensors)]
+    scalars = lambda values: np.array(values, dtype=cpu_kernels.numpy_dtype(params[0].dtype))  # noqa: E731
+    w_addresses, sizes = cpu_kernels.table([params[i] for i in served])
+    tables = (w_addresses, cpu_kernels.addresses([grads[i] for i in served]),
+              cpu_kernels.addresses([velocities[i] for i in served]), sizes)
+    per_tensor = (
+        scalars([momentum * corrections[i] for i in served]),
+        scalars([rates[i] for i in served]),
+        scalars([rates[i] * weight_decay if decay[i] else 0.0 for i in served]),
+    )
+    if nesterov:
+        kernels.nesterov_steps(*tables, *per_tensor, scalars([momentum]))
+    else:
+        kernels.momentum_steps(*tables, *per_tensor)
+    rest = sorted(set(range(len(params))) - set(served))
+    if rest:  # tensors laid out differently from their gradient or velocity: the single-tensor rule
+        pick = lambda seq: [seq[i] for i in rest]  # noqa: E731 - local selector
+        _single_tensor(pick(params), pick(grads), pick(velocities), pick(decay), pick(corrections),
+                       None if adapt is None else pick(adapt), None if grad_norms is None else pick(grad_norms),
+                       None, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                       trust_coefficient=trust_coefficient, eps=eps, clip=clip)
+
+
 def _fused(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions, *,
            foreach, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
     # One bucket (CPU, float32/float64, no Nesterov). Rates of every tensor first, as Python floats.
-    count = len(params)
-    if adapt is None:
-        rates = [float(lr)] * count
-    else:
-        device, dtype = params[0].device, params[0].dtype
-        adapt_all = torch.tensor(list(adapt), dtype=torch.bool, device=device)
-        local = lars_local_rates(
-            torch.stack(torch._foreach_norm(params)),
-            torch.stack([n.to(device=device, dtype=dtype) for n in grad_norms]),
-            adapt=adapt_all,
-            decay=torch.tensor(list(decay), dtype=torch.bool, device=device),
-            trust_coefficient=trust_coefficient,
-            weight_decay=weight_decay,
-            eps=eps,
-        )
-        rates = effective_rates(local, adapt=adapt_all, lr=lr, clip=clip).tolist()
-        if local_rates_out is not None:
-            for position, rate in zip(positions, local.unbind()):
-                local_rates_out[position] = rate
+    rates = _rates_as_floats(params, decay, adapt, grad_norms, None, local_rates_out, positions, lr=lr,
+                             weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, clip=clip)
     # Tensors sharing (m*c, beta_i, rate) go to the kernel in one call; the rest take the other path.
     calls: dict[tuple[float, float, float], list[int]] = {}
     rest: list[int] = []

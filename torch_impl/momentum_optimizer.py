@@ -28,6 +28,10 @@ __all__ = ["MomentumOptimizer"]
 class MomentumOptimizer(LargeBatchOptimizer):
     """Base of SGD, LARS and CLARS; subclasses say whether and how the trust ratio applies."""
 
+    @property
+    def _reads_weight_norms_first(self) -> bool:
+        return self.uses_adaptation
+
     def _apply_group(self, group: dict[str, Any], work: GroupWork, ratios_out: list | None) -> None:
         lr = group["lr"]
         velocities, corrections = [], []
@@ -58,6 +62,7 @@ class MomentumOptimizer(LargeBatchOptimizer):
             foreach=self._foreach(group),
             local_rates_out=ratios_out,
             fused=self._fused(group),
+            weight_norms=work.weight_norms,
         )
         for p in work.params:
             self.state[p]["prev_lr"] = lr

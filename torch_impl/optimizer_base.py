@@ -50,6 +50,7 @@ import torch
 from hvd_largebatch import config, errors
 from hvd_largebatch.torch_impl.distributed import horovod_rank
 from hvd_largebatch.torch_impl.mixed_precision import HALF_DTYPES, state_dtype
+from hvd_largebatch.torch_impl import cpu_kernels
 from hvd_largebatch.torch_impl.tensor_lists import group_by_device_and_dtype, tensor_norms
 
 __all__ = ["LargeBatchOptimizer", "GroupWork", "constructor_defaults"]
@@ -69,6 +70,8 @@ class GroupWork:
         grad_norms: ``||g||`` per tensor (0-d tensors); the non-finite check reads them.
         rate_norms: the norms the trust ratio divides by (``||g||`` for LARS,
             the per-example mean ``s`` for CLARS), or None.
+        weight_norms: ``||w||`` per tensor when the check read them with
+            ``||g||`` (``fused="numba"`` on an optimizer that adapts), else None.
     """
 
     positions: list[int]
@@ -76,9 +79,11 @@ class GroupWork:
     grads: list[torch.Tensor]
     grad_norms: list[torch.Tensor]
     rate_norms: list[torch.Tensor] | None = None
+    weight_norms: list[torch.Tensor] | None = None
 
 
-#: The torch-only switches of the update path, each None (the default: on where it applies), True or False.
+#: The torch-only switches of the update path, each None (the default: on where it applies), True or False;
+#: ``fused`` also takes ``"numba"`` (:mod:`hvd_largebatch.torch_impl.cpu_kernels`).
 PATH_SWITCHES = ("foreach", "fused")
 #: Constructor arguments that are not group hyperparameters.
 _NOT_DEFAULTS = frozenset({"self", "params", "exclude_from_weight_decay", "exclude_from_layer_adaptation", "__class__"})
@@ -87,8 +92,11 @@ _NOT_DEFAULTS = frozenset({"self", "params", "exclude_from_weight_decay", "exclu
 def _check_path_switches(group: Mapping[str, Any]) -> None:
     for key in PATH_SWITCHES:
         value = group.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(f"{key} must be None, True or False, got {value!r}")
+        if key == "fused" and value == cpu_kernels.NUMBA:
+            cpu_kernels.require()  # a missing numba fails here, before any step
+        elif value is not None and not isinstance(value, bool):
+            allowed = "None, True, False or 'numba'" if key == "fused" else "None, True or False"
+            raise ValueError(f"{key} must be {allowed}, got {value!r}")
 
 
 def constructor_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,8 +167,11 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
       chunks (None, the default: yes; False: one tensor at a time).
     * ``fused``: where torch's fused kernel computes the rule exactly (see
       ``momentum_functional.py``), update each tensor in one pass of it
-      (None, the default: yes; False: never). float64 results equal those
-      of the other paths to rounding.
+      (None, the default: yes; False: never). ``"numba"``: on CPU float32/
+      float64 tensors, single-pass loops compiled by numba for every
+      optimizer, LAMB included, and the check's norms read two streams at a
+      time (``cpu_kernels.py``; needs numba). float64 results equal those of
+      the other paths to rounding.
     * ``nonfinite``: ``"skip"`` (default) or ``"raise"`` on a NaN/Inf gradient.
 
     Every constructor raises ``ValueError`` naming the argument for a value out of range.
@@ -312,9 +323,13 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         return group.get("foreach") is not False
 
     @staticmethod
-    def _fused(group: Mapping[str, Any]) -> bool:
-        """Whether the group uses torch's fused kernels where they compute its rule (``fused``: None or True)."""
-        return group.get("fused") is not False
+    def _fused(group: Mapping[str, Any]) -> bool | str:
+        """The group's fused path: True (torch's kernels where they compute its rule), False, or ``"numba"``."""
+        fused = group.get("fused")
+        return True if fused is None else fused
+
+    #: Whether the trust ratio reads ``||w||`` before the update (LARS, CLARS), so the check reads it with ``||g||``.
+    _reads_weight_norms_first = False
 
     def _gather(self, group: dict[str, Any]) -> GroupWork:
         positions, params, grads = [], [], []
@@ -326,7 +341,12 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             positions.append(i)
             params.append(p)
             grads.append(p.grad)
-        return GroupWork(positions, params, grads, tensor_norms(grads, self._foreach(group)))
+        if self._fused(group) != cpu_kernels.NUMBA:
+            return GroupWork(positions, params, grads, tensor_norms(grads, self._foreach(group)))
+        if self._reads_weight_norms_first:
+            weight_norms, grad_norms = cpu_kernels.weight_and_grad_norms(params, grads)
+            return GroupWork(positions, params, grads, grad_norms, weight_norms=weight_norms)
+        return GroupWork(positions, params, grads, cpu_kernels.grad_norms(grads))
 
     def _resolve_rate_norms(self, work: list[GroupWork]) -> None:
         """Fills ``rate_norms`` of each group (LARS: ``||g||``; CLARS: ``s``); SGD and LAMB need none."""

@@ -77,7 +77,7 @@ class SGD(MomentumOptimizer):
         momentum_correction: bool = _D.momentum_correction,
         exclude_from_weight_decay: config.ExclusionSpec = None,
         foreach: bool | None = None,
-        fused: bool | None = None,
+        fused: bool | str | None = None,
         nonfinite: str = _D.nonfinite,
     ) -> None:
         super().__init__(params, constructor_defaults(locals()), exclude_from_weight_decay)

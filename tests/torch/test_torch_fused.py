@@ -73,10 +73,3 @@ def test_fused_equals_single_tensor_with_skipped_steps(case, monkeypatch):
         errors.update({f"ratio {step} {n}": abs(a[n] - b[n]) / max(abs(b[n]), 1e-300) for n in a})
     worst = {key: error for key, error in errors.items() if error > TOLERANCE}
     assert not worst, f"fused vs single-tensor relative errors above {TOLERANCE:g}: {worst}"
-
-
-def test_fused_keyword_is_checked():
-    from hvd_largebatch.torch_impl import LARS
-
-    with pytest.raises(ValueError, match="fused must be None, True or False, got 'yes'"):
-        LARS([torch.zeros(2, requires_grad=True)], fused="yes")

@@ -1,0 +1,157 @@
+"""``fused="numba"`` (compiled single-pass loops, ``cpu_kernels.py``) equals the single-tensor path.
+
+Every row of the shared table (SGD, LARS, LARC, CLARS, LAMB and their
+variants) runs 20 steps both ways in float64, with a NaN gradient at step 5
+and an Inf at step 11 that both must skip; weights, state and trust ratios
+must agree to 1e-12 relative (the loops differ only in rounding: sums
+reassociated, multiply-adds fused), and the compiled loops must have run.
+float32 rows check the vectorised loops themselves; non-contiguous tensors
+must take the single-tensor rule and half-precision ones their float32
+working copies, and still be right.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hvd_largebatch.torch_impl import LAMB, LARS, SGD, numba_kernels
+from optimizer_cases import CASES, STEPS, TENSORS, gradients, initial_weights, relative_error
+from torch_adapter import make_torch, state_snapshot, torch_step
+
+POISONED = {5: math.nan, 11: math.inf}
+TOLERANCE = 1e-12
+ENTRY_POINTS = ("sums_of_squares", "paired_sums_of_squares", "momentum_steps", "nesterov_steps", "lamb_moments",
+                "lamb_apply")
+
+
+@pytest.fixture
+def loop_calls(monkeypatch):
+    """Counts the calls of each compiled entry point."""
+    calls = dict.fromkeys(ENTRY_POINTS, 0)
+    for name in ENTRY_POINTS:
+        loop = getattr(numba_kernels, name)
+
+        def counted(*args, _loop=loop, _name=name):
+            calls[_name] += 1
+            return _loop(*args)
+
+        monkeypatch.setattr(numba_kernels, name, counted)
+    return calls
+
+
+def _run(case, dtype=torch.float64, **path):
+    params, opt = make_torch(case, initial_weights(case), dtype=dtype, **path)
+    if case.adaptive:
+        opt.record_trust_ratios()
+    ratios = []
+    for step in range(STEPS):
+        grads = gradients(step)
+        if step in POISONED:
+            grads["fc.weight"] = grads["fc.weight"].copy()
+            grads["fc.weight"][1, 2] = POISONED[step]
+        torch_step(case, params, opt, step, grads=grads)
+        if case.adaptive and step not in POISONED:
+            ratios.append(opt.trust_ratios())
+    return params, opt, ratios
+
+
+def _worst_errors(run_a, run_b, tolerance):
+    (p_a, o_a, r_a), (p_b, o_b, r_b) = run_a, run_b
+    errors = {name: relative_error(p_a[name].detach().double().numpy(), p_b[name].detach().double().numpy())
+              for name, _ in TENSORS}
+    s_a, s_b = state_snapshot(o_a), state_snapshot(o_b)
+    assert s_a.keys() == s_b.keys()
+    for key, value in s_a.items():
+        if isinstance(value, float) or hasattr(value, "shape"):
+            errors[key] = relative_error(np.asarray(value, dtype=np.float64), np.asarray(s_b[key], dtype=np.float64))
+        else:
+            assert value == s_b[key], key
+    for step, (a, b) in enumerate(zip(r_a, r_b)):
+        assert a.keys() == b.keys()
+        errors.update({f"ratio {step} {n}": abs(a[n] - b[n]) / max(abs(b[n]), 1e-300) for n in a})
+    return {key: error for key, error in errors.items() if error > tolerance}
+
+
+@pytest.mark.filterwarnings("ignore:.*skipped.*:RuntimeWarning")  # the skip warnings have their own tests
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_numba_equals_single_tensor_with_skipped_steps(case, loop_calls):
+    compiled = _run(case, fused="numba")
+    used = dict(loop_calls)
+    reference = _run(case, foreach=False, fused=False)
+    assert loop_calls == used, "the reference run used the compiled loops"
+    assert compiled[1].skipped_steps == reference[1].skipped_steps == len(POISONED)
+    if case.name == "lamb":
+        expected = {"sums_of_squares", "lamb_moments", "lamb_apply"}
+    else:
+        expected = {"paired_sums_of_squares" if case.adaptive else "sums_of_squares",
+                    "nesterov_steps" if case.hyper.get("nesterov") else "momentum_steps"}
+    assert {name for name, count in used.items() if count} == expected
+    worst = _worst_errors(compiled, reference, TOLERANCE)
+    assert not worst, f"numba vs single-tensor relative errors above {TOLERANCE:g}: {worst}"
+
+
+@pytest.mark.filterwarnings("ignore:.*skipped.*:RuntimeWarning")
+@pytest.mark.parametrize("name", ["sgd", "lars", "lamb"])
+def test_float32_loops_match_the_single_tensor_path(name):
+    case = next(c for c in CASES if c.name == name)
+    worst = _worst_errors(_run(case, torch.float32, fused="numba"), _run(case, torch.float32, foreach=False,
+                                                                           fused=False), 2e-5)
+    assert not worst, f"float32 numba vs single-tensor relative errors above 2e-5: {worst}"
+
+
+def _unserved_run(**path):
+    torch.manual_seed(0)
+    served = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    transposed = torch.nn.Parameter(torch.randn(3, 5, dtype=torch.float64).t())
+    half = torch.nn.Parameter(torch.randn(6, dtype=torch.float16))
+    assert not transposed.is_contiguous()
+    opt = LARS([served, transposed, half], lr=0.5, momentum=0.9, weight_decay=1e-3, **path)
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        for p in (served, transposed, half):
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype)
+        opt.step()
+    return [p.detach().double() for p in (served, transposed, half)]
+
+
+def test_unserved_tensors_take_the_other_paths(loop_calls):
+    """A transposed (non-contiguous) weight beside a served one, and a float16 one: all updated right.
+
+    The float16 weight is updated through a float32 working copy, which the loops serve (a second call
+    per step, for the float32 bucket); the transposed one takes the single-tensor rule.
+    """
+    compiled = _unserved_run(fused="numba")
+    assert loop_calls["momentum_steps"] == 6
+    for a, b in zip(compiled, _unserved_run(fused=False, foreach=False)):
+        torch.testing.assert_close(a, b, rtol=1e-12 if a.numel() != 6 else 1e-3, atol=0)
+
+
+def test_huge_float32_gradient_is_skipped_like_on_torchs_path():
+    """sum(g**2) overflows float32 for a finite g of 1e20: both paths call it non-finite and skip."""
+    for fused in ("numba", True):
+        w = torch.nn.Parameter(torch.ones(8))
+        opt = SGD([w], lr=0.1, momentum=0.9, fused=fused)
+        w.grad = torch.full((8,), 1e20)
+        with pytest.warns(RuntimeWarning, match="skipped"):
+            opt.step()
+        assert opt.skipped_steps == 1 and torch.equal(w.detach(), torch.ones(8)), fused
+
+
+def test_fused_keyword_is_checked():
+    with pytest.raises(ValueError, match="fused must be None, True, False or 'numba', got 'yes'"):
+        LARS([torch.zeros(2, requires_grad=True)], fused="yes")
+    with pytest.raises(ValueError, match="fused must be None, True, False or 'numba', got 'Numba'"):
+        LAMB([torch.zeros(2, requires_grad=True)], fused="Numba")
+
+
+def test_missing_numba_is_named_when_the_optimizer_is_built(monkeypatch):
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
+    monkeypatch.delitem(sys.modules, "hvd_largebatch.torch_impl.numba_kernels")
+    with pytest.raises(ImportError, match=r"fused='numba' needs the numba package \(pip install numba"):
+        LARS([torch.zeros(2, requires_grad=True)], fused="numba")
+    LARS([torch.zeros(2, requires_grad=True)])  # the default path does not need numba
