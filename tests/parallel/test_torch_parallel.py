@@ -29,7 +29,8 @@ def test_ranks_and_size(results):
     assert [(r["rank"], r["size"]) for r in results] == [(rank, len(results)) for rank in range(len(results))]
 
 
-@pytest.mark.parametrize("key", [f"average/{n}" for n in NAMES] + [f"accumulate2/{n}" for n in ("lars", "clars", "lamb")])
+@pytest.mark.parametrize("key", [f"average/{n}" for n in NAMES] + [f"accumulate2/{n}" for n in ("lars", "clars", "lamb")]
+                         + [f"numba/{n}" for n in ("lars", "lamb")])
 def test_ranks_identical_and_equal_to_one_process_on_the_concatenated_batch(results, key):
     per_rank = [r[key] for r in results]
     assert [r["max_abs_vs_rank0"] for r in per_rank] == [0.0] * len(results), "weights or optimizer state differ from rank 0's"

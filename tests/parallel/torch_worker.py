@@ -147,12 +147,15 @@ def train_step(model, opt, x, y, passes: int = 1, clars: bool = False) -> None:
 # ----------------------------------------------------------------------
 # checks
 # ----------------------------------------------------------------------
-def check_average_equals_concatenated_batch(name: str, passes: int) -> dict[str, Any]:
-    """k ranks (own init, broadcast from rank 0) vs one process on the whole batch, same init as rank 0."""
+def check_average_equals_concatenated_batch(name: str, passes: int, **path: Any) -> dict[str, Any]:
+    """k ranks (own init, broadcast from rank 0) vs one process on the whole batch, same init as rank 0.
+
+    ``path``: update-path switches (``fused="numba"``) given to both.
+    """
     rank, size = hvd.rank(), hvd.size()
     per_rank = LOCAL_BATCH * passes
     model = mlp(seed=rank)  # different initial weights per rank: broadcast_state must fix that
-    opt = create_optimizer(name, model.named_parameters(), **OPTIMIZERS[name])
+    opt = create_optimizer(name, model.named_parameters(), **OPTIMIZERS[name], **path)
     opt = DistributedOptimizer(opt, backward_passes_per_step=passes)
     peak = OPTIMIZERS[name]["lr"]  # CLARS runs without warmup (ALGORITHMS.md)
     schedule = None if name == "clars" else schedules.Schedule(
@@ -161,7 +164,7 @@ def check_average_equals_concatenated_batch(name: str, passes: int) -> dict[str,
     sched = GradualWarmupScheduler(opt, schedule) if schedule is not None else None
     broadcast_state(model, opt, root_rank=0)
     single = mlp(seed=0)
-    single_opt = create_optimizer(name, single.named_parameters(), **OPTIMIZERS[name])
+    single_opt = create_optimizer(name, single.named_parameters(), **OPTIMIZERS[name], **path)
     single_sched = GradualWarmupScheduler(single_opt, schedule) if schedule is not None else None
     for step in range(STEPS):
         x, y = global_batch(step, size, per_rank)
@@ -379,6 +382,8 @@ def main() -> None:
         results[f"average/{name}"] = check_average_equals_concatenated_batch(name, passes=1)
     for name in ("lars", "clars", "lamb"):
         results[f"accumulate2/{name}"] = check_average_equals_concatenated_batch(name, passes=2)
+    for name in ("lars", "lamb"):
+        results[f"numba/{name}"] = check_average_equals_concatenated_batch(name, passes=1, fused="numba")
     results["bn_model"] = check_bn_model_stays_identical()
     results["bn_average"] = check_batchnorm_statistics_averaged()
     results.update(check_clars_exact_equals_microbatch())
