@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from hvd_largebatch.torch_impl import create_optimizer
-from optimizer_cases import NAMES, TENSORS, Case, clars_norms, gradients
+from optimizer_cases import NAMES, STEPS, TENSORS, Case, clars_norms, gradients, initial_weights, relative_error
 
 #: LAMB's two betas are one torch argument, ``betas=(beta1, beta2)``.
 _BETAS = ("beta1", "beta2")
@@ -83,3 +83,48 @@ def state_snapshot(opt) -> dict[str, Any]:
                 value.detach().to(torch.float64).numpy().copy() if isinstance(value, torch.Tensor) else value
             )
     return snapshot
+
+
+#: Steps whose gradients are poisoned (fc.weight[1, 2]) in :func:`run_with_poisoned_steps`: both must be skipped.
+POISONED = {5: float("nan"), 11: float("inf")}
+
+
+def run_with_poisoned_steps(case: Case, dtype=torch.float64, **path: Any):
+    """``(params, optimizer, trust ratios per applied step)`` after the table's steps with :data:`POISONED` gradients."""
+    params, opt = make_torch(case, initial_weights(case), dtype=dtype, **path)
+    if case.adaptive:
+        opt.record_trust_ratios()
+    ratios = []
+    for step in range(STEPS):
+        grads = gradients(step)
+        if step in POISONED:
+            grads["fc.weight"] = grads["fc.weight"].copy()
+            grads["fc.weight"][1, 2] = POISONED[step]
+        torch_step(case, params, opt, step, grads=grads)
+        if case.adaptive and step not in POISONED:
+            ratios.append(opt.trust_ratios())
+    return params, opt, ratios
+
+
+def errors_above(run_a, run_b, tolerance: float) -> dict[str, float]:
+    """Relative differences above ``tolerance`` between two :func:`run_with_poisoned_steps` results.
+
+    Weights, every state tensor and scalar, and the trust ratios of every step are compared (as float64);
+    non-numeric state must be equal.
+    """
+    (p_a, o_a, r_a), (p_b, o_b, r_b) = run_a, run_b
+    assert o_a.skipped_steps == o_b.skipped_steps == len(POISONED)
+    errors = {name: relative_error(p_a[name].detach().double().numpy(), p_b[name].detach().double().numpy())
+              for name, _ in TENSORS}
+    s_a, s_b = state_snapshot(o_a), state_snapshot(o_b)
+    assert s_a.keys() == s_b.keys()
+    for key, value in s_a.items():
+        if isinstance(value, float) or hasattr(value, "shape"):
+            errors[key] = relative_error(np.asarray(value, dtype=np.float64), np.asarray(s_b[key], dtype=np.float64))
+        else:
+            assert value == s_b[key], key
+    for step, (a, b) in enumerate(zip(r_a, r_b)):
+        assert a.keys() == b.keys()
+        errors.update({f"ratio {step} {n}": abs(a[n] - b[n]) / max(abs(b[n]), 1e-300) for n in a})
+    return {key: error for key, error in errors.items() if error > tolerance}
+
