@@ -131,6 +131,9 @@ class LAMB(LargeBatchOptimizer):
             step, tensor_of(cfg.beta1, sd), tensor_of(cfg.beta2, sd), tensor_of(cfg.eps, sd)
         )
         decay_over_scale = tensor_of(cfg.weight_decay, sd) / scale
+        if self._native_kernels:
+            self._native_update(grads, variables, indices, lr, scale, scaled_eps, decay_over_scale)
+            return
 
         def apply_all():
             directions, w_sq, u_sq = [], [], []
@@ -164,6 +167,33 @@ class LAMB(LargeBatchOptimizer):
                     fused_kernels.apply_scaled_step(w, ops.cast(step_size, w.dtype), direction)
                 else:
                     self.assign_sub(w, ops.cast(step_size, w.dtype) * direction)
+
+        self._guarded(finite, apply_all, lr)
+
+    def _native_update(self, grads, variables, indices, lr, scale, scaled_eps, decay_over_scale) -> None:
+        """The same step with our CPU kernels: one pass reads everything for the norms, one writes.
+
+        The first pass writes nothing (so a non-finite step is still skipped
+        with no trace); the second recomputes the moments and the direction
+        with the same arithmetic and applies them.
+        """
+        cfg = self.core_config
+        dtype = variables[0].dtype
+        first = [self.first_moments[i] for i in indices]
+        second = [self.second_moments[i] for i in indices]
+        b1, b2 = tensor_of(cfg.beta1, dtype), tensor_of(cfg.beta2, dtype)
+        eps = ops.cast(scaled_eps, dtype)
+        decays = ops.where(self._decay_vector(indices), ops.cast(decay_over_scale, dtype), 0)
+        stats = ops.cast(fused_kernels.lamb_stats(grads, first, second, variables, b1, b2, eps, decays), self._scalar_dtype)
+        finite = self._all_finite(stats[:, 0])
+        # ||u|| = A * ||direction||; tensors not adapted get ratio 1 (trust_ratio(0, 0)).
+        adapt = self._adapt_vector(indices)
+        w_sq, q_sq = ops.where(adapt, stats[:, 1], 0), ops.where(adapt, stats[:, 2], 0)
+        ratios = update_rules.trust_ratio(ops.sqrt(w_sq), scale * ops.sqrt(q_sq))
+        step_sizes = ops.cast(lr * ratios * scale, dtype)
+
+        def apply_all():
+            fused_kernels.lamb_apply(variables, first, second, grads, b1, b2, eps, decays, step_sizes)
 
         self._guarded(finite, apply_all, lr)
 

@@ -24,9 +24,10 @@ It holds what every rule shares and leaves the arithmetic to
   and the update math in float32 (:mod:`hvd_largebatch.tf.mixed_precision`);
 * ``prev_learning_rate``, the LR of the last applied step, kept as an
   optimizer variable so that momentum correction survives save and load;
-* ``fused``: whether norms and the weight steps use TensorFlow's
-  single-pass kernels (:mod:`hvd_largebatch.tf.fused_kernels`, the default)
-  or ``keras.ops`` alone (:mod:`hvd_largebatch.tf.update_rules`); same math.
+* ``fused``: whether norms and the weight steps use single-pass kernels
+  (:mod:`hvd_largebatch.tf.fused_kernels`, the default: the package's own
+  CPU kernels where they apply, else TensorFlow's) or ``keras.ops`` alone
+  (:mod:`hvd_largebatch.tf.update_rules`); same math.
 
 The update is done for all variables at once in :meth:`_backend_update_step`
 (one traced function over every tensor: per-step scalars are computed on
@@ -82,7 +83,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         weight_decay: the coupled weight decay ``beta`` (not Keras's decoupled one).
         weight_decay_exclusion, layer_adaptation_exclusion: the two
             :class:`hvd_largebatch.config.ExclusionRule`.
-        fused: whether TensorFlow's single-pass kernels do the norms and the momentum step.
+        fused: whether single-pass kernels do the norms and the weight steps.
         prev_learning_rate: variable, the LR of the last applied step (0 before the first).
         skipped_steps: variable, the number of steps skipped for non-finite gradients.
     """
@@ -210,10 +211,24 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         indices = [self._get_variable_index(v) for v in variables]
         grads = [ops.cast(ops.convert_to_tensor(g), v.dtype) for g, v in zip(grads, variables)]
         lr = ops.cast(learning_rate, self._scalar_dtype)
+        # Decided per trace: our CPU kernels where they apply (see fused_kernels.native_kernels_usable).
+        self._native_kernels = self.fused and fused_kernels.native_kernels_usable(variables)
         self._batched_update(grads, variables, indices, lr)
 
     def _batched_update(self, grads, variables, indices, lr) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement its update")
+
+    def _decay_vector(self, indices) -> Any:
+        """Boolean vector over ``indices``: where weight decay applies."""
+        return ops.convert_to_tensor([self._decay[i] for i in indices], dtype="bool")
+
+    def _adapt_vector(self, indices) -> Any:
+        """Boolean vector over ``indices``: where the trust ratio applies."""
+        return ops.convert_to_tensor([self._adapt[i] for i in indices], dtype="bool")
+
+    def _decay_constants(self, indices, value: float, dtype: str) -> Any:
+        """Vector over ``indices``: ``value`` where weight decay applies, else 0 (for the CPU kernels)."""
+        return tensor_of([value if self._decay[i] else 0.0 for i in indices], dtype)
 
     def _stack_scalars(self, values) -> Any:
         return ops.stack([ops.cast(v, self._scalar_dtype) for v in values])

@@ -50,6 +50,31 @@ class _MomentumRule(LargeBatchOptimizer):
         """Per-tensor rates (a vector over ``variables``) and the finiteness flag of the step."""
         raise NotImplementedError(f"{type(self).__name__} must define its per-tensor rates (_rates)")
 
+    def _gradient_stats(self, grads, variables, indices, *, norms_of_g: bool, norms_of_w: bool):
+        """Per-tensor vectors ``(check, ||g||^2, ||w||^2)`` of this step's gradients and weights.
+
+        ``check`` is the statistic whose finiteness decides the step: ``||g||^2``
+        where the tensor is adapted and ``norms_of_g`` (computed anyway), else
+        ``sum(g)``. The norms are those of adapted tensors (0 elsewhere, and
+        where not asked for). With our CPU kernels all of it takes one pass
+        over ``g`` (and ``w``); otherwise one TensorFlow reduction per value.
+        """
+        sd = self._scalar_dtype
+        adapt = self._adapt_vector(indices)
+        zero = ops.zeros((), dtype=sd)
+        if self._native_kernels:
+            stats = ops.cast(fused_kernels.tensor_stats(grads, variables if norms_of_w else None), sd)
+            sums, w_sq = stats[:, 0], ops.where(adapt, stats[:, 2], zero)
+            if not norms_of_g:
+                return sums, ops.zeros_like(sums), w_sq
+            g_sq = ops.where(adapt, stats[:, 1], zero)
+            return ops.where(adapt, g_sq, sums), g_sq, w_sq
+        adapted = [self._adapt[i] for i in indices]
+        g_sq = [self._squared_norm(g) if a and norms_of_g else zero for g, a in zip(grads, adapted)]
+        w_sq = [self._squared_norm(w) if a and norms_of_w else zero for w, a in zip(variables, adapted)]
+        check = [sq if a and norms_of_g else ops.sum(g) for g, sq, a in zip(grads, g_sq, adapted)]
+        return self._stack_scalars(check), self._stack_scalars(g_sq), self._stack_scalars(w_sq)
+
     def _batched_update(self, grads, variables, indices, lr) -> None:
         cfg = self.core_config
         rates, finite = self._rates(grads, variables, indices, lr)
@@ -58,6 +83,24 @@ class _MomentumRule(LargeBatchOptimizer):
             momentum_correction(self.prev_learning_rate, lr, xp=ops) if cfg.momentum_correction else ops.ones_like(lr)
         )
         velocity_scale = tensor_of(cfg.momentum, self._scalar_dtype) * correction
+
+        if self._native_kernels:
+            dtype = variables[0].dtype
+
+            def apply_all():
+                fused_kernels.apply_momentum_all(
+                    variables,
+                    [self.momentums[i] for i in indices],
+                    grads,
+                    ops.cast(rates, dtype),
+                    self._decay_constants(indices, cfg.weight_decay, dtype),
+                    ops.cast(velocity_scale, dtype),
+                    tensor_of(cfg.momentum, dtype),
+                    nesterov=cfg.nesterov,
+                )
+
+            self._guarded(finite, apply_all, lr)
+            return
 
         def apply_all():
             rate_list = ops.unstack(rates)
@@ -157,8 +200,8 @@ class SGD(_MomentumRule):
         self.momentum_correction = self.core_config.momentum_correction
 
     def _rates(self, grads, variables, indices, lr):
-        sums = self._stack_scalars([ops.sum(g) for g in grads])
-        return lr * ops.ones((len(variables),), dtype=self._scalar_dtype), self._all_finite(sums)
+        check, _, _ = self._gradient_stats(grads, variables, indices, norms_of_g=False, norms_of_w=False)
+        return lr * ops.ones((len(variables),), dtype=self._scalar_dtype), self._all_finite(check)
 
     def _keras_hyperparameters(self) -> dict[str, Any]:
         return self._momentum_hyperparameters()
@@ -266,18 +309,6 @@ class LARS(_MomentumRule):
         """Hook for CLARS, which pops its own arguments out of ``kwargs``."""
         return {}
 
-    def _decay_vector(self, indices):
-        return ops.convert_to_tensor([self._decay[i] for i in indices], dtype="bool")
-
-    def _adapt_vector(self, indices):
-        return ops.convert_to_tensor([self._adapt[i] for i in indices], dtype="bool")
-
-    def _norms_of_weights(self, variables, indices):
-        zero = ops.zeros((), dtype=self._scalar_dtype)
-        return ops.sqrt(
-            self._stack_scalars([self._squared_norm(w) if self._adapt[i] else zero for w, i in zip(variables, indices)])
-        )
-
     def _effective_rates(self, lr, w_norm, g_norm, indices):
         """The per-tensor rates ``gamma * lambda`` (or LARC's ``min(gamma, lambda)``) of this step."""
         cfg = self.core_config
@@ -295,14 +326,10 @@ class LARS(_MomentumRule):
         return update_rules.effective_rates(local, adapt=adapt, lr=lr, clip=cfg.clip)
 
     def _rates(self, grads, variables, indices, lr):
-        # ||g||^2 for adapted tensors (needed anyway; also tells finiteness), sum(g) for the others.
-        g_stats = self._stack_scalars(
-            [self._squared_norm(g) if self._adapt[i] else ops.sum(g) for g, i in zip(grads, indices)]
-        )
-        finite = self._all_finite(g_stats)
-        adapt = self._adapt_vector(indices)
-        g_norm = ops.sqrt(ops.where(adapt, ops.where(ops.isfinite(g_stats), g_stats, 0), 0))
-        w_norm = self._norms_of_weights(variables, indices)
+        check, g_sq, w_sq = self._gradient_stats(grads, variables, indices, norms_of_g=True, norms_of_w=True)
+        finite = self._all_finite(check)
+        g_norm = ops.sqrt(ops.where(ops.isfinite(g_sq), g_sq, 0))
+        w_norm = ops.sqrt(w_sq)
         return self._effective_rates(lr, w_norm, g_norm, indices), finite
 
     def _keras_hyperparameters(self) -> dict[str, Any]:
@@ -459,9 +486,9 @@ class CLARS(LARS):
             tf.debugging.Assert(fresh, [message])
         self.grad_norms_fresh.assign(ops.cast(0, self.grad_norms_fresh.dtype))
         s = ops.take(self.grad_norm_means, ops.convert_to_tensor(indices, dtype="int32"))
-        sums = self._stack_scalars([ops.sum(g) for g in grads])
-        finite = ops.logical_and(self._all_finite(sums), self._all_finite(s))
-        w_norm = self._norms_of_weights(variables, indices)
+        check, _, w_sq = self._gradient_stats(grads, variables, indices, norms_of_g=False, norms_of_w=True)
+        finite = ops.logical_and(self._all_finite(check), self._all_finite(s))
+        w_norm = ops.sqrt(w_sq)
         s = ops.where(ops.isfinite(s), s, 0)
         return self._effective_rates(lr, w_norm, s, indices), finite
 

@@ -5,9 +5,12 @@ as the torch tests) drives every optimizer and option: Nesterov, LARC clip,
 decay on and off, excluded tensors, zero-initialised tensors, LRs that change
 every step (momentum correction) and CLARS's per-example norms.
 ``keras_adapter`` turns each row into Keras arguments. Each row runs in a
-``tf.function`` (as under ``model.fit``), with TensorFlow's fused kernels
-(``fused=True``, the default) and with ``keras.ops`` alone; one row per
-optimizer also runs eagerly and with a non-finite gradient.
+``tf.function`` (as under ``model.fit``) on each of the three paths of the
+update: ``fused=True`` (the default) with the package's CPU kernels
+(``fused_kernels.cc``), ``fused=True`` with them turned off (TensorFlow's
+kernels, the path of GPUs, XLA and machines without a compiler), and
+``keras.ops`` alone (``fused=False``); one row per optimizer also runs
+eagerly and with a non-finite gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hvd_largebatch.tf import create_optimizer
+from hvd_largebatch.tf import create_optimizer, fused_kernels
 from keras_adapter import PATHS, keras_step, make_keras, state_in_core_names, step_function, weights_of
 from optimizer_cases import (
     CASE_IDS,
@@ -48,6 +51,19 @@ def tiny_model(zero_first_kernel: bool) -> keras.Model:
     return model
 
 
+#: The update's paths: name -> (fused argument, whether our CPU kernels are on).
+PATHS_OF_THE_UPDATE = {"native": (True, True), "tf_kernels": (True, False), "keras_ops": (False, False)}
+
+
+@pytest.fixture(params=list(PATHS_OF_THE_UPDATE))
+def update_path(request, monkeypatch):
+    """Each path of the update; ``tf_kernels`` turns our CPU kernels off through their environment variable."""
+    fused, native = PATHS_OF_THE_UPDATE[request.param]
+    if not native:
+        monkeypatch.setenv(fused_kernels.NATIVE_KERNELS_ENV, "0")
+    return request.param
+
+
 def run_case(case, *, graph: bool, fused: bool = True, nan_at_step: int | None = None):
     """Steps the Keras optimizer and the oracle side by side; returns (optimizer, variables, oracle, expected)."""
     weights = initial_weights(case)
@@ -71,10 +87,11 @@ def assert_matches_the_oracle(case, optimizer, variables, oracle, expected):
     assert float(optimizer.prev_learning_rate.numpy()) == pytest.approx(oracle.state["prev_lr"], rel=1e-15)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "keras_ops"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_float64_parity_with_the_oracle_over_20_steps(float64, case, fused):
+def test_float64_parity_with_the_oracle_over_20_steps(float64, case, update_path):
+    fused, native = PATHS_OF_THE_UPDATE[update_path]
     optimizer, variables, oracle, expected = run_case(case, graph=True, fused=fused)
+    assert optimizer._native_kernels == native, f"the step did not take the {update_path} path"
     switches = [(optimizer.tensor_switches[p]["decay"], optimizer.tensor_switches[p]["adapt"]) for p in PATHS]
     expected_switches = list(zip(oracle.decay, oracle.adapt))
     if not case.adaptive:  # SGD reports no layer adaptation
@@ -92,10 +109,12 @@ def test_eager_apply_matches_the_oracle_too(float64, case):
 
 
 @pytest.mark.parametrize("case", CHANGING_LR, ids=[c.id for c in CHANGING_LR])
-@pytest.mark.parametrize("graph, fused", [(True, True), (False, True), (True, False)], ids=["graph", "eager", "keras_ops"])
-def test_a_nonfinite_step_is_skipped_counted_and_leaves_no_trace(float64, case, graph, fused):
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "eager"])
+def test_a_nonfinite_step_is_skipped_counted_and_leaves_no_trace(float64, case, graph, update_path):
     """NaN in one gradient at step 7: nothing moves, the skip is counted, and the run continues as the oracle's."""
+    fused, native = PATHS_OF_THE_UPDATE[update_path]
     optimizer, variables, oracle, expected = run_case(case, graph=graph, fused=fused, nan_at_step=7)
+    assert optimizer._native_kernels == native
     assert oracle.state["skipped"] == 1
     assert int(optimizer.skipped_steps.numpy()) == 1
     assert int(optimizer.iterations.numpy()) == STEPS
