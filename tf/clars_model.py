@@ -48,7 +48,13 @@ from hvd_largebatch.tf import horovod_backend
 from hvd_largebatch.tf.distributed import find_distributed_optimizer, innermost_optimizer
 from hvd_largebatch.tf.large_batch_optimizer import tensor_path
 from hvd_largebatch.tf.momentum_optimizers import CLARS
-from hvd_largebatch.tf.per_example_norms import exact_norm_sums_by_rules, per_example_grad_norm_sums
+from hvd_largebatch.tf.ghost_norms import GhostRecorder, only_batch_norm_depends_on_training
+from hvd_largebatch.tf.per_example_norms import (
+    exact_norm_sums,
+    exact_norm_sums_by_rules,
+    norm_dtype,
+    per_example_grad_norm_sums,
+)
 
 __all__ = ["CLARSModel", "batch_norm_layers"]
 
@@ -151,6 +157,12 @@ class CLARSModel(keras.Model):
         for layer in norm_layers:
             if layer.renorm:
                 raise ValueError(f"CLARSModel does not support BatchNormalization(renorm=True) ({layer.name})")
+        fused = (
+            clars.estimator == "exact" and self.method == "auto" and tf.is_tensor(x)
+            and only_batch_norm_depends_on_training(self.inner_model)
+        )
+        if fused:
+            return self._fused_train_step(x, y, sample_weight, clars, loss_of_outputs)
         saved = [(tf.identity(layer.moving_mean.value), tf.identity(layer.moving_variance.value)) for layer in norm_layers]
         momenta = [layer.momentum for layer in norm_layers]
 
@@ -178,12 +190,7 @@ class CLARSModel(keras.Model):
             sums, count = per_example_grad_norm_sums(
                 loss_of_batch, variables, x, y, estimator=clars.estimator, chunk_size=clars.chunk_size
             )
-        if find_distributed_optimizer(self.optimizer) is not None:
-            hvd = horovod_backend.initialized_horovod()
-            total = hvd.allreduce(tf.concat([sums, tf.reshape(count, (1,))], 0), op=hvd.Sum, name="clars_norm_sums")
-            sums, count = total[:-1], total[-1]
-        means = ops.unstack(sums / count, num=len(variables))
-        clars.set_grad_norms({tensor_path(v): s for v, s in zip(variables, means)})
+        self._set_grad_norms(clars, variables, sums, count)
 
         # 3. Moving averages as Keras's update would have left them: old * m + batch * (1 - m).
         for layer, (old_mean, old_var), momentum in zip(norm_layers, saved, momenta):
@@ -193,12 +200,82 @@ class CLARSModel(keras.Model):
                 variable.assign(tf.where(tf.equal(batch_stat, old), old, updated))
 
         # 4. Update and metrics, as Keras does.
+        return self._apply_and_measure(x, y, y_pred, sample_weight, loss, grads, variables)
+
+    def _set_grad_norms(self, clars: CLARS, variables: list, sums: tf.Tensor, count: tf.Tensor) -> None:
+        if find_distributed_optimizer(self.optimizer) is not None:
+            hvd = horovod_backend.initialized_horovod()
+            total = hvd.allreduce(tf.concat([sums, tf.reshape(count, (1,))], 0), op=hvd.Sum, name="clars_norm_sums")
+            sums, count = total[:-1], total[-1]
+        means = ops.unstack(sums / count, num=len(variables))
+        clars.set_grad_norms({tensor_path(v): s for v, s in zip(variables, means)})
+
+    def _apply_and_measure(self, x, y, y_pred, sample_weight, loss, grads, variables):
         self.optimizer.apply_gradients(zip(grads, variables))
         batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss, sample_weight=batch_size)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _fused_train_step(self, x, y, sample_weight, clars: CLARS, loss_of_outputs):
+        """The step with the exact ghost-norm estimator reusing Keras's training forward.
+
+        Only when BatchNorm is the model's only training-dependent layer
+        (:func:`~hvd_largebatch.tf.ghost_norms.only_batch_norm_depends_on_training`),
+        so the training forward with the batch statistics held constant is the
+        inference-mode pass of the other steps: the per-example output
+        gradients come from the same tape with BatchNorm's statistics switched
+        off (:class:`~hvd_largebatch.tf.ghost_norms.GhostRecorder`), BatchNorm
+        trains with its own momentum. Variables without a rule, or every
+        variable when a BatchNorm layer ran more than once, are measured as
+        in the other steps, by an inference-mode pass with the moving
+        statistics set to the (last) batch statistics for its duration.
+        """
+        variables = self.trainable_variables
+        recorder = GhostRecorder(self.inner_model, variables)
+        with tf.GradientTape(persistent=True) as tape:
+            with recorder:
+                y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            scaled_loss = self.optimizer.scale_loss(loss)
+            one = lambda example: loss_of_outputs(example[0][None], example[1][None])  # noqa: E731
+            objective = tf.reduce_sum(tf.vectorized_map(one, (y, y_pred)))
+        statistics = recorder.batch_statistics()
+        once = all(len(values) == 1 for values in statistics.values())
+        squared = recorder.squared_norms(recorder.output_gradients(tape, objective)) if once else {}
+        grads = tape.gradient(scaled_loss, variables)
+        del tape
+        if not self.optimizer.built:
+            self.optimizer.build(variables)
+
+        dtype = norm_dtype(variables)
+        rest = [v for v in variables if id(v) not in squared]
+        rest_sums = {}
+        if rest:
+            # BatchNorm at the batch statistics for the inference-mode pass, then back to the trained moving ones
+            trained = [(layer, tf.identity(layer.moving_mean.value), tf.identity(layer.moving_variance.value))
+                       for layer in statistics]
+            for layer, values in statistics.items():
+                layer.moving_mean.assign(tf.cast(tf.reshape(values[-1][0], layer.moving_mean.shape), layer.moving_mean.dtype))
+                layer.moving_variance.assign(
+                    tf.cast(tf.reshape(values[-1][1], layer.moving_variance.shape), layer.moving_variance.dtype)
+                )
+            if once:
+                loss_of_batch = lambda xb, yb: loss_of_outputs(yb, self.inner_model(xb, training=False))  # noqa: E731
+                totals, _ = exact_norm_sums(loss_of_batch, rest, x, y, clars.chunk_size)
+            else:
+                totals, _ = exact_norm_sums_by_rules(self.inner_model, loss_of_outputs, rest, x, y, clars.chunk_size)
+            rest_sums = {id(v): totals[index] for index, v in enumerate(rest)}
+            for layer, mean, variance in trained:
+                layer.moving_mean.assign(mean)
+                layer.moving_variance.assign(variance)
+        sums = tf.stack([
+            rest_sums[id(v)] if id(v) in rest_sums else tf.reduce_sum(tf.sqrt(tf.maximum(tf.cast(squared[id(v)], dtype), 0)))
+            for v in variables
+        ])
+        self._set_grad_norms(clars, variables, sums, tf.cast(tf.shape(x)[0], dtype))
+        return self._apply_and_measure(x, y, y_pred, sample_weight, loss, grads, variables)
 
     # ---------------------------------------------------------- serialisation
     def get_config(self) -> dict[str, Any]:

@@ -11,9 +11,18 @@ in its parameters, example ``i``'s kernel gradient is ``a_i^T g_i`` with
 * ``Conv1D``/``Conv2D``: the same on the input patches of every output
   position (``tf.image.extract_patches``), per group; bias: ``g_i`` summed
   over positions;
-* ``BatchNormalization`` in inference mode: ``gamma`` gradient
-  ``sum_positions g_i * xhat_i`` and ``beta`` gradient ``sum_positions g_i``
-  per channel.
+* ``BatchNormalization``: ``gamma`` gradient ``sum_positions g_i * xhat_i``
+  and ``beta`` gradient ``sum_positions g_i`` per channel, ``xhat``
+  normalised by the statistics the layer used: the moving ones in inference
+  mode, the batch's in training mode.
+
+BatchNorm in training mode couples the examples through the batch
+statistics; the per-example gradient holds them constant (see
+:mod:`hvd_largebatch.tf.clars_model`). Inside the recorder, each such
+layer's batch mean and variance pass through an identity whose gradient is
+switched: the ordinary one for the training gradient, zero for
+:meth:`GhostRecorder.output_gradients`. So one training forward serves both
+the training gradient and the per-example norms.
 
 Each layer uses the cheaper exact form (the Gram form, ``~T^2 (d_in + d_out)``
 per example, or the per-example product for that one layer,
@@ -31,10 +40,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import inspect
+
 import keras
 import tensorflow as tf
+from keras.src.models.functional import Functional  # Keras 3 has no public name for this class
 
-__all__ = ["GhostRecorder"]
+__all__ = ["GhostRecorder", "only_batch_norm_depends_on_training"]
 
 _CONVS = (keras.layers.Conv1D, keras.layers.Conv2D)
 
@@ -70,6 +82,47 @@ def _all_layers(model: Any) -> list[Any]:
     return found
 
 
+def only_batch_norm_depends_on_training(model: Any) -> bool:
+    """Whether ``model(x, training=True)`` differs from inference only in its plain BatchNorm layers.
+
+    True when every layer (nested models included) either takes no
+    ``training`` argument, is a ``Functional`` or ``Sequential`` container,
+    is a plain ``Dense``/``Conv1D``/``Conv2D`` (which ignore it) or a plain
+    BatchNormalization without renorm; a ``Dropout``, a noise layer or a
+    subclassed model's own ``call`` make it False.
+    """
+    for layer in _all_layers(model):
+        if isinstance(layer, (Functional, keras.Sequential)) and type(layer).call in (Functional.call, keras.Sequential.call):
+            continue
+        if "training" not in inspect.signature(layer.call).parameters:
+            continue
+        if _rule_roles(layer) and not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization) and type(layer).call is keras.layers.BatchNormalization.call:
+            if not layer.renorm:
+                continue
+        return False
+    return True
+
+
+class _Switch:
+    """Whether the gradient through BatchNorm's batch statistics flows (training gradient) or not (per-example)."""
+
+    def __init__(self) -> None:
+        self.coupled = True
+
+
+def _switched_identity(switch: _Switch, value: tf.Tensor) -> tf.Tensor:
+    @tf.custom_gradient
+    def identity(v):
+        def grad(upstream):
+            return upstream if switch.coupled else tf.zeros_like(upstream)
+
+        return tf.identity(v), grad
+
+    return identity(value)
+
+
 class GhostRecorder:
     """Records inputs and pre-activation outputs of rule layers in one forward pass; turns gradients into norms.
 
@@ -81,6 +134,16 @@ class GhostRecorder:
                 y_pred = model(x, training=False)
             objective = ...sum of per-example losses...
         squared = recorder.squared_norms(tape.gradient(objective, recorder.outputs()))
+
+    Or reuse a training forward (BatchNorm on batch statistics)::
+
+        recorder = GhostRecorder(model, variables)
+        with tf.GradientTape(persistent=True) as tape:
+            with recorder:
+                y_pred = model(x, training=True)
+            loss = ...mean loss... ; objective = ...sum of per-example losses...
+        squared = recorder.squared_norms(recorder.output_gradients(tape, objective))
+        grads = tape.gradient(loss, model.trainable_variables)   # the ordinary gradient
 
     Args:
         model: the Keras model.
@@ -110,6 +173,13 @@ class GhostRecorder:
             if layer not in self._layers:
                 self._layers.append(layer)
         self._records: dict[int, list[list[Any]]] = {}
+        self._switch = _Switch()
+        # every plain BatchNorm layer is switched, measured or not
+        self._norm_layers = [
+            layer for layer in _all_layers(model)
+            if type(layer).call is keras.layers.BatchNormalization.call and not layer.renorm
+        ]
+        self._statistics: dict[int, list[tuple[tf.Tensor, tf.Tensor]]] = {}
 
     # ------------------------------------------------------------- recording
     def __enter__(self) -> GhostRecorder:
@@ -119,7 +189,7 @@ class GhostRecorder:
             record = self._records.setdefault(id(layer), [])
 
             def call(inputs, *args, _call=original_call, _record=record, _layer=layer, **kwargs):
-                _record.append([inputs, None])
+                _record.append([inputs, None, None])
                 outputs = _call(inputs, *args, **kwargs)
                 if isinstance(_layer, keras.layers.BatchNormalization):
                     _record[-1][1] = outputs
@@ -136,9 +206,35 @@ class GhostRecorder:
 
                 object.__setattr__(layer, "activation", activation)
                 layer.__dict__["_hvd_largebatch_activation"] = original_activation
+        self._statistics = {}
+        for layer in self._norm_layers:
+            object.__setattr__(layer, "_moments", self._switched_moments(layer))
         return self
 
+    def _switched_moments(self, layer: Any):
+        """``layer._moments`` for the recording pass: the batch statistics, recorded, through the switch."""
+        moments = layer._moments
+        statistics = self._statistics.setdefault(id(layer), [])
+
+        def switched(inputs, mask):
+            mean, variance = moments(inputs, mask)
+            mean, variance = _switched_identity(self._switch, mean), _switched_identity(self._switch, variance)
+            statistics.append((mean, variance))
+            record = self._records.get(id(layer))
+            if record:
+                record[-1][2] = (mean, variance)
+            return mean, variance
+
+        return switched
+
+    def batch_statistics(self) -> dict[Any, list[tuple[tf.Tensor, tf.Tensor]]]:
+        """``{layer: [(mean, variance) per call]}`` of the BatchNorm layers that ran on batch statistics."""
+        layers = {id(layer): layer for layer in self._norm_layers}
+        return {layers[key]: values for key, values in self._statistics.items() if values}
+
     def __exit__(self, *exc) -> None:
+        for layer in self._norm_layers:
+            layer.__dict__.pop("_moments", None)
         for layer in self._layers:
             layer.__dict__.pop("call", None)
             if "_hvd_largebatch_activation" in layer.__dict__:
@@ -162,14 +258,25 @@ class GhostRecorder:
         """The recorded outputs whose gradients :meth:`squared_norms` needs, in a fixed order."""
         return [self._records[id(layer)][0][1] for layer in self._measured()]
 
+    def output_gradients(self, tape: tf.GradientTape, objective: tf.Tensor) -> list[Any]:
+        """Gradients of ``objective`` at :meth:`outputs`, with BatchNorm's batch statistics held constant."""
+        outputs = self.outputs()
+        if not outputs:
+            return []
+        self._switch.coupled = False
+        try:
+            return tape.gradient(objective, outputs)
+        finally:
+            self._switch.coupled = True
+
     def squared_norms(self, grads: Sequence[Any]) -> dict[int, tf.Tensor]:
         """``{id(variable): (B,) squared per-example gradient norms}`` for the measured variables."""
         result: dict[int, tf.Tensor] = {}
         for layer, grad in zip(self._measured(), grads):
-            inputs, output = self._records[id(layer)][0]
+            inputs, output, statistics = self._records[id(layer)][0]
             grad = tf.zeros_like(output) if grad is None else tf.convert_to_tensor(grad)
             if isinstance(layer, keras.layers.BatchNormalization):
-                values = dict(zip(("gamma", "beta"), _batch_norm_squared_norms(layer, inputs, grad)))
+                values = dict(zip(("gamma", "beta"), _batch_norm_squared_norms(layer, inputs, grad, statistics)))
             elif isinstance(layer, keras.layers.Dense):
                 values = dict(zip(("kernel", "bias"), _dense_squared_norms(inputs, grad)))
             else:
@@ -236,16 +343,17 @@ def _conv_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor) -> tuple[tf.Te
     return kernel, bias
 
 
-def _batch_norm_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Inference-mode BatchNorm: ``xhat = (x - moving_mean) / sqrt(moving_variance + eps)``."""
+def _batch_norm_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor, statistics: tuple | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """``xhat = (x - mean) / sqrt(variance + eps)`` with the batch's ``statistics``, or the moving ones when None."""
     x = tf.convert_to_tensor(inputs)
     dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
     x, g = tf.cast(x, dtype), tf.cast(grad, dtype)
     axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
     axes = [axis % len(x.shape) for axis in axes]
     shape = [x.shape[i] if i in axes else 1 for i in range(len(x.shape))]
-    mean = tf.reshape(tf.cast(layer.moving_mean, dtype), shape)
-    variance = tf.reshape(tf.cast(layer.moving_variance, dtype), shape)
+    mean, variance = (layer.moving_mean, layer.moving_variance) if statistics is None else statistics
+    mean = tf.reshape(tf.cast(mean, dtype), shape)
+    variance = tf.reshape(tf.cast(variance, dtype), shape)
     xhat = (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
     reduce = [i for i in range(1, len(x.shape)) if i not in axes]
     gamma = tf.reduce_sum(g * xhat, reduce) if reduce else g * xhat

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from hvd_largebatch.tf import CLARS, CLARSModel
-from hvd_largebatch.tf.ghost_norms import GhostRecorder
+from hvd_largebatch.tf.ghost_norms import GhostRecorder, only_batch_norm_depends_on_training
 from hvd_largebatch.tf.per_example_norms import exact_norm_sums, exact_norm_sums_by_rules
 
 L = keras.layers
@@ -37,6 +37,15 @@ MODELS = [
         L.Conv2D(4, 3, padding="same"), _bn("bn1"), L.Activation("relu"),
         L.Conv2D(4, (3, 2), strides=2, use_bias=False), _bn("bn2"), L.Activation("relu"),
         L.Conv2D(6, 3, padding="same", dilation_rate=(1, 2)), L.Flatten()]),
+    # the 2-D Gram form (4 output positions, 54 patch rows), then a single position
+    ("conv2d-gram-bn", (4, 4, 6), lambda: [
+        L.Conv2D(8, 3, strides=2, padding="same"), _bn("bn1"), L.Activation("relu"), L.Conv2D(12, 2), L.Flatten()]),
+    # one BatchNorm layer called twice (its variables fall back; CLARSModel measures all in a separate pass)
+    ("bn-called-twice", (5,), lambda: (lambda bn: [
+        L.Dense(7), bn, L.Activation("relu"), L.Dense(7), bn, L.Activation("relu")])(_bn("bn1"))),
+    # BatchNorm and a layer without a rule; and a Dropout, which makes CLARSModel use a separate pass
+    ("bn-and-layernorm", (5,), lambda: [L.Dense(7), _bn("bn1"), L.Activation("relu"), L.Dense(6), L.LayerNormalization()]),
+    ("bn-and-dropout", (5,), lambda: [L.Dense(7), _bn("bn1"), L.Activation("relu"), L.Dropout(0.0)]),
     # TensorFlow's vectorized_map cannot differentiate grouped convolutions: these compare with a loop only
     ("conv-groups", (6, 5, 4), lambda: [
         L.Conv2D(6, 3, groups=2, activation="relu"), L.Reshape((12, 6)), L.Conv1D(4, 3, groups=2, use_bias=False),
@@ -115,10 +124,40 @@ def test_clars_model_fit_steps_are_the_same_with_ghost_rules_and_the_reference(f
         optimizer = CLARS(learning_rate=0.5, weight_decay=1e-3, chunk_size=5)
         model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
         model.fit(x, y, batch_size=6, epochs=2, shuffle=False, verbose=0)
-        runs[method] = ([v.numpy() for v in model.variables], optimizer.grad_norm_means.numpy())
-    for got, expected in zip(runs["auto"][0], runs["vmap"][0]):
-        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+        # a BatchNorm layer called twice: the reference step updates its moving averages once, with the
+        # last call's statistics; the fused step trains it as Keras does (two updates), so compare the rest
+        compared = model.trainable_variables if name == "bn-called-twice" else model.variables
+        runs[method] = ([(v.path, v.numpy()) for v in compared], optimizer.grad_norm_means.numpy())
+    for (path, got), (_, expected) in zip(runs["auto"][0], runs["vmap"][0]):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12, err_msg=path)
     np.testing.assert_allclose(runs["auto"][1], runs["vmap"][1], rtol=1e-10)
     assert CLARSModel.from_config(CLARSModel(_model_and_batch(shape, layers)[0], method="vmap").get_config()).method == "vmap"
     with pytest.raises(ValueError, match="method must be one of 'auto', 'vmap'; got 'ghost'"):
         CLARSModel(_model_and_batch(shape, layers)[0], method="ghost")
+
+
+FIT_CASES = [m for m in MODELS if m[0] != "conv-groups"]
+
+
+@pytest.mark.parametrize("name,shape,layers", FIT_CASES, ids=[c[0] for c in FIT_CASES])
+def test_clars_model_steps_with_ghost_rules_equal_the_reference_for_every_model(float64, name, shape, layers):
+    """CLARSModel's ghost-rule step (reusing the training forward where only BatchNorm depends on training) equals vmap."""
+    _, x, y = _model_and_batch(shape, layers, n=8)
+    runs = {}
+    for method in ("auto", "vmap"):
+        inner, _, _ = _model_and_batch(shape, layers, n=8)
+        for layer in inner.layers:
+            if isinstance(layer, L.BatchNormalization):
+                layer.momentum = 0.7  # the moving averages must come out as Keras's own update leaves them
+        assert only_batch_norm_depends_on_training(inner) == (name != "bn-and-dropout")
+        model = CLARSModel(inner, method=method)
+        optimizer = CLARS(learning_rate=0.5, weight_decay=1e-3, chunk_size=3)
+        model.compile(optimizer=optimizer, loss=LOSS, jit_compile=False)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        # a BatchNorm layer called twice: the reference step updates its moving averages once, with the
+        # last call's statistics; the fused step trains it as Keras does (two updates), so compare the rest
+        compared = model.trainable_variables if name == "bn-called-twice" else model.variables
+        runs[method] = ([(v.path, v.numpy()) for v in compared], optimizer.grad_norm_means.numpy())
+    for (path, got), (_, expected) in zip(runs["auto"][0], runs["vmap"][0]):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12, err_msg=path)
+    np.testing.assert_allclose(runs["auto"][1], runs["vmap"][1], rtol=1e-10)
