@@ -17,10 +17,11 @@ Two networks, the same in both frameworks:
 
 For each, one training step (forward, backward, optimizer step) is timed
 with LARS and with CLARS ``estimator="exact"`` measured three ways: the ghost
-rules reusing the training pass (PyTorch ``CLARS.forward_backward``), the
-ghost rules in a separate pass (PyTorch ``add_grad_norms``; Keras
-``CLARSModel``, whose per-example pass always runs apart from Keras's own
-step), and the vmap / ``vectorized_map`` reference path for every tensor.
+rules reusing the training pass (PyTorch ``CLARS.forward_backward``; Keras
+``CLARSModel``, which reuses Keras's training forward because BatchNorm is
+the only training-dependent layer of both networks), the ghost rules in a
+separate pass (PyTorch ``add_grad_norms``), and the vmap /
+``vectorized_map`` reference path for every tensor.
 Steps run round-robin (one step of every setup per round) so that machine
 noise hits all alike; the table gives medians of this one run and each
 setup's ratio to LARS in the same framework. PyTorch times are process CPU

@@ -30,6 +30,18 @@ averages are then set to what Keras's own update would have given. Training
 itself (forward, gradients, moving averages) is identical to ``fit`` on the
 unwrapped model. BatchNorm with ``renorm=True`` is refused.
 
+With ``estimator="exact"`` and ``method="auto"``, when BatchNorm is the
+model's only layer that behaves differently in training
+(:func:`~hvd_largebatch.tf.ghost_norms.only_batch_norm_depends_on_training`:
+no Dropout, noise or subclassed ``call``), the training forward *is* that
+per-example pass with the batch statistics held constant: the ghost rules
+take their activations and output gradients from Keras's own forward and
+tape (the statistics' gradient switched off for the per-example backward,
+see :class:`~hvd_largebatch.tf.ghost_norms.GhostRecorder`), and BatchNorm
+trains with its own momentum. Only variables without a rule (and, when a
+BatchNorm layer runs twice, all variables) still take the inference-mode
+pass above. The numbers are the same (tested in float64).
+
 Scope: a model with one output and one loss given to ``compile`` (string,
 function or ``keras.losses.Loss``). Sample weights and regularisation losses
 enter the training loss as usual but not the per-example norms.
