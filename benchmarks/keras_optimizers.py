@@ -21,11 +21,21 @@ An optimizer's floor is its pass count times that:
 * LAMB: read g, mu, nu, w and write mu, nu, with ||w|| and ||u|| in the same pass (6),
   then read mu, nu, w and write w to apply the trust ratio (4): 10.
 
-Our optimizers run with their default ``fused=True`` (TensorFlow's
-single-pass norm and momentum kernels, see ``hvd_largebatch.tf.fused_kernels``)
-and with ``fused=False`` (``keras.ops`` alone). "wd" rows add coupled weight
-decay, which Keras's SGD does not do. The first call of each optimizer
-(tracing) is timed apart and printed as its warm-up.
+Our optimizers run with their default ``fused=True``, which on a CPU-only
+process uses the package's own kernels (``hvd_largebatch/tf/fused_kernels.cc``,
+see ``hvd_largebatch.tf.fused_kernels``): SGD, LARS and LARC take exactly the
+floor's passes (one read of g and w for sum(g), ||g|| and ||w||, then one
+in-place momentum pass); LAMB takes 11, one more than its floor, because its
+first pass only reads (g, mu, nu, w: 4) so that a step with a non-finite
+gradient can still be skipped with no slot written, and its second pass
+reads g again to recompute the moments (read g, mu, nu, w; write mu, nu, w: 7).
+Rows marked "TF kernels" run ``fused=True`` with those kernels turned off
+(``HVD_LARGEBATCH_NATIVE_KERNELS=0``): TensorFlow's single-pass norm and
+momentum kernels, the path of GPUs and XLA. Rows marked "keras.ops only" run
+``fused=False``. The pass counts of the table are the floors, for every row.
+"wd" rows add coupled weight decay, which Keras's SGD does not do. The first
+call of each optimizer (tracing, and on the first run on a machine the
+build of the kernels) is timed apart and printed as its warm-up.
 
 Times are the process's CPU time by default (``--clock process``): with one
 thread that equals the wall time on an idle machine and stays meaningful on a
@@ -39,6 +49,7 @@ Run: ``.venv/bin/python benchmarks/keras_optimizers.py [--threads 1] [--rounds 3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -51,7 +62,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from hvd_largebatch.tf import LAMB, LARS, SGD  # noqa: E402
+from hvd_largebatch.tf import LAMB, LARS, SGD, fused_kernels  # noqa: E402
 
 CLOCKS = {"process": time.process_time, "wall": time.perf_counter}
 
@@ -96,6 +107,8 @@ OPTIMIZERS = {
     "ours LARC wd=5e-4": (lambda: LARS(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, clip=True), 7),
     "ours LAMB (wd=0.01)": (lambda: LAMB(learning_rate=1e-3), 10),
     "ours LAMB wd=0": (lambda: LAMB(learning_rate=1e-3, weight_decay=0.0), 10),
+    "ours LARS TF kernels": (lambda: LARS(learning_rate=0.1, momentum=0.9), 7),
+    "ours LAMB (wd=0.01) TF kernels": (lambda: LAMB(learning_rate=1e-3), 10),
     "ours LARS keras.ops only": (lambda: LARS(learning_rate=0.1, momentum=0.9, fused=False), 7),
     "ours LAMB (wd=0.01) keras.ops only": (lambda: LAMB(learning_rate=1e-3, fused=False), 10),
 }
@@ -104,6 +117,23 @@ SGD_BASELINE = "keras SGD(momentum=0.9)"
 BASELINES = (SGD_BASELINE,)
 #: (row, target ratio to its floor) of issue 13.
 TARGETS = (("ours LARS", 1.3), ("ours LARS wd=5e-4", 1.3), ("ours LAMB (wd=0.01)", 1.3))
+
+
+#: Rows traced with the package's CPU kernels turned off.
+TF_KERNEL_ROWS = ("ours LARS TF kernels", "ours LAMB (wd=0.01) TF kernels")
+
+
+@contextlib.contextmanager
+def native_kernels_off(off: bool):
+    """While tracing (the first call), ``HVD_LARGEBATCH_NATIVE_KERNELS=0`` if ``off``."""
+    if not off:
+        yield
+        return
+    os.environ[fused_kernels.NATIVE_KERNELS_ENV] = "0"
+    try:
+        yield
+    finally:
+        del os.environ[fused_kernels.NATIVE_KERNELS_ENV]
 
 
 def make_step(optimizer, shapes, rng):
@@ -169,7 +199,8 @@ def main(argv=None) -> int:
     first_call = {}
     for name, step in steps.items():
         start = time.perf_counter()
-        step()
+        with native_kernels_off(name in TF_KERNEL_ROWS):
+            step()
         first_call[name] = time.perf_counter() - start
         for _ in range(args.warmup):
             step()

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -209,7 +210,24 @@ void SumOverBlocks(OpKernelContext* ctx, int64_t n, double bytes_per_element, co
   }
 }
 
-// The variable behind resource input `index` of a list, locked by the caller.
+// Locks the variables' mutexes in address order (as TensorFlow's training ops do, so that no two
+// ops wait on each other), exclusively or shared, until destroyed.
+template <typename Lock>
+class OrderedLocks {
+ public:
+  explicit OrderedLocks(std::vector<Var*> vars) {
+    std::vector<::tsl::mutex*> mutexes;
+    for (Var* var : vars) mutexes.push_back(var->mu());
+    std::sort(mutexes.begin(), mutexes.end());
+    mutexes.erase(std::unique(mutexes.begin(), mutexes.end()), mutexes.end());
+    for (::tsl::mutex* mu : mutexes) locks_.push_back(std::make_unique<Lock>(*mu));
+  }
+
+ private:
+  std::vector<std::unique_ptr<Lock>> locks_;
+};
+
+// The variable behind a resource handle (locked by the caller).
 absl::Status LookupVar(OpKernelContext* ctx, const Tensor& handle, RefCountPtr<Var>* var) {
   return ::tensorflow::LookupResource(ctx, handle.scalar<::tensorflow::ResourceHandle>()(), var);
 }
@@ -262,10 +280,10 @@ class TensorStatsOp : public OpKernel {
       const int64_t size = grads[i].NumElements();
       RefCountPtr<Var> var;
       const T* w = nullptr;
-      std::unique_ptr<::tsl::tf_shared_lock> lock;
+      std::unique_ptr<OrderedLocks<::tsl::tf_shared_lock>> lock;
       if (weights.size() > 0) {
         OP_REQUIRES_OK(ctx, LookupVar(ctx, weights[i], &var));
-        lock = std::make_unique<::tsl::tf_shared_lock>(*var->mu());
+        lock = std::make_unique<OrderedLocks<::tsl::tf_shared_lock>>(std::vector<Var*>{var.get()});
         OP_REQUIRES_OK(ctx, ReadableTensor<T>(var.get(), grads[i].shape(), &w));
       }
       T result[3];
@@ -303,8 +321,7 @@ class ApplyMomentumOp : public OpKernel {
       RefCountPtr<Var> var, accum;
       OP_REQUIRES_OK(ctx, LookupVar(ctx, vars[i], &var));
       OP_REQUIRES_OK(ctx, LookupVar(ctx, accums[i], &accum));
-      ::tsl::mutex_lock lock_var(*var->mu());
-      ::tsl::mutex_lock lock_accum(*accum->mu());
+      OrderedLocks<::tsl::mutex_lock> lock({var.get(), accum.get()});
       T *w = nullptr, *m = nullptr;
       OP_REQUIRES_OK(ctx, WritableTensor<T>(ctx, var.get(), grads[i].shape(), &w));
       OP_REQUIRES_OK(ctx, WritableTensor<T>(ctx, accum.get(), grads[i].shape(), &m));
@@ -361,7 +378,7 @@ class LambStatsOp : public OpKernel {
       OP_REQUIRES_OK(ctx, LookupVar(ctx, firsts[i], &first));
       OP_REQUIRES_OK(ctx, LookupVar(ctx, seconds[i], &second));
       OP_REQUIRES_OK(ctx, LookupVar(ctx, weights[i], &var));
-      ::tsl::tf_shared_lock lock_first(*first->mu()), lock_second(*second->mu()), lock_var(*var->mu());
+      OrderedLocks<::tsl::tf_shared_lock> lock({first.get(), second.get(), var.get()});
       const T *mu = nullptr, *nu = nullptr, *w = nullptr;
       const TensorShape& shape = grads[i].shape();
       OP_REQUIRES_OK(ctx, ReadableTensor<T>(first.get(), shape, &mu));
@@ -404,7 +421,7 @@ class LambApplyOp : public OpKernel {
       OP_REQUIRES_OK(ctx, LookupVar(ctx, vars[i], &var));
       OP_REQUIRES_OK(ctx, LookupVar(ctx, firsts[i], &first));
       OP_REQUIRES_OK(ctx, LookupVar(ctx, seconds[i], &second));
-      ::tsl::mutex_lock lock_var(*var->mu()), lock_first(*first->mu()), lock_second(*second->mu());
+      OrderedLocks<::tsl::mutex_lock> lock({var.get(), first.get(), second.get()});
       T *w = nullptr, *mu = nullptr, *nu = nullptr;
       const TensorShape& shape = grads[i].shape();
       OP_REQUIRES_OK(ctx, WritableTensor<T>(ctx, var.get(), shape, &w));

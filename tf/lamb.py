@@ -54,8 +54,9 @@ class LAMB(LargeBatchOptimizer):
             rule: ``ndim <= 1`` or a path matching bias/bn/batchnorm/norm), False,
             regex(es) on ``variable.path``, or a callable ``(path, shape) -> bool``.
         nonfinite: ``"skip"`` (default) or ``"raise"``.
-        fused: norms and the weight step with TensorFlow's single-pass kernels
-            (default; see :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
+        fused: norms and the weight step with single-pass kernels (default: the
+            package's CPU kernels where they apply, else TensorFlow's; see
+            :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...).
 

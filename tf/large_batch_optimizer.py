@@ -129,6 +129,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         self.weight_decay = core_config.weight_decay
         self.nonfinite = core_config.nonfinite
         self.fused = fused
+        self._native_kernels = False  # set per trace in _backend_update_step
         self._squared_norm = fused_kernels.squared_norm if fused else update_rules.squared_norm
         self.weight_decay_exclusion = config.resolve_exclusion(exclude_from_weight_decay, "exclude_from_weight_decay")
         self.layer_adaptation_exclusion = config.resolve_exclusion(

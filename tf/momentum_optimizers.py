@@ -154,8 +154,9 @@ class SGD(_MomentumRule):
             ``ndim <= 1`` or a path matching bias/bn/batchnorm/norm), False, regex(es)
             on ``variable.path``, or a callable ``(path, shape) -> bool``.
         nonfinite: ``"skip"`` (default: skip and count the step) or ``"raise"``.
-        fused: do the momentum step with TensorFlow's single-pass kernel
-            (default; see :mod:`hvd_largebatch.tf.fused_kernels`) or with ``keras.ops`` alone.
+        fused: do the momentum step with single-pass kernels (default: the
+            package's CPU kernels where they apply, else TensorFlow's; see
+            :mod:`hvd_largebatch.tf.fused_kernels`) or with ``keras.ops`` alone.
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...),
             except ``weight_decay``'s decoupled meaning.
@@ -243,8 +244,9 @@ class LARS(_MomentumRule):
             regex(es) on ``variable.path`` or a callable ``(path, shape) -> bool``.
         exclude_from_layer_adaptation: tensors without the trust ratio, same forms.
         nonfinite: ``"skip"`` (default) or ``"raise"``.
-        fused: norms and momentum step with TensorFlow's single-pass kernels
-            (default; see :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
+        fused: norms and momentum step with single-pass kernels (default: the
+            package's CPU kernels where they apply, else TensorFlow's; see
+            :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...).
 
