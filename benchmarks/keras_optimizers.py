@@ -21,18 +21,17 @@ An optimizer's floor is its pass count times that:
 * LAMB: read g, mu, nu, w and write mu, nu, with ||w|| and ||u|| in the same pass (6),
   then read mu, nu, w and write w to apply the trust ratio (4): 10.
 
-Our optimizers run with their default ``fused=True``, which on a CPU-only
-process uses the package's own kernels (``hvd_largebatch/tf/fused_kernels.cc``,
-see ``hvd_largebatch.tf.fused_kernels``): SGD, LARS and LARC take exactly the
+Our optimizers run with their default ``fused=True`` (TensorFlow's
+single-pass norm and momentum kernels, the path of GPUs and XLA) and, in the
+rows marked "native", with ``fused="native"``: the package's own CPU kernels
+(``hvd_largebatch/tf/fused_kernels.cc``, see ``hvd_largebatch.tf.fused_kernels``;
+built with the system C++ compiler on first use). With them SGD, LARS and LARC take exactly the
 floor's passes (one read of g and w for sum(g), ||g|| and ||w||, then one
 in-place momentum pass); LAMB takes 11, one more than its floor, because its
 first pass only reads (g, mu, nu, w: 4) so that a step with a non-finite
 gradient can still be skipped with no slot written, and its second pass
 reads g again to recompute the moments (read g, mu, nu, w; write mu, nu, w: 7).
-Rows marked "TF kernels" run ``fused=True`` with those kernels turned off
-(``HVD_LARGEBATCH_NATIVE_KERNELS=0``): TensorFlow's single-pass norm and
-momentum kernels, the path of GPUs and XLA. Rows marked "keras.ops only" run
-``fused=False``. The pass counts of the table are the floors, for every row.
+Rows marked "keras.ops only" run ``fused=False``. The pass counts of the table are the floors, for every row.
 "wd" rows add coupled weight decay, which Keras's SGD does not do. The first
 call of each optimizer (tracing, and on the first run on a machine the
 build of the kernels) is timed apart and printed as its warm-up.
@@ -49,7 +48,6 @@ Run: ``.venv/bin/python benchmarks/keras_optimizers.py [--threads 1] [--rounds 3
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import statistics
@@ -62,7 +60,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from hvd_largebatch.tf import LAMB, LARS, SGD, fused_kernels  # noqa: E402
+from hvd_largebatch.tf import LAMB, LARS, SGD  # noqa: E402
 
 CLOCKS = {"process": time.process_time, "wall": time.perf_counter}
 
@@ -102,13 +100,15 @@ OPTIMIZERS = {
     "keras Adam": (lambda: keras.optimizers.Adam(learning_rate=1e-3), 7),
     "keras Lamb": (lambda: keras.optimizers.Lamb(learning_rate=1e-3), 10),
     "ours SGD": (lambda: SGD(learning_rate=0.1, momentum=0.9), 5),
+    "ours SGD native": (lambda: SGD(learning_rate=0.1, momentum=0.9, fused="native"), 5),
     "ours LARS": (lambda: LARS(learning_rate=0.1, momentum=0.9), 7),
-    "ours LARS wd=5e-4": (lambda: LARS(learning_rate=0.1, momentum=0.9, weight_decay=5e-4), 7),
-    "ours LARC wd=5e-4": (lambda: LARS(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, clip=True), 7),
+    "ours LARS native": (lambda: LARS(learning_rate=0.1, momentum=0.9, fused="native"), 7),
+    "ours LARS wd=5e-4 native": (lambda: LARS(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, fused="native"), 7),
+    "ours LARC wd=5e-4 native": (
+        lambda: LARS(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, clip=True, fused="native"), 7),
     "ours LAMB (wd=0.01)": (lambda: LAMB(learning_rate=1e-3), 10),
-    "ours LAMB wd=0": (lambda: LAMB(learning_rate=1e-3, weight_decay=0.0), 10),
-    "ours LARS TF kernels": (lambda: LARS(learning_rate=0.1, momentum=0.9), 7),
-    "ours LAMB (wd=0.01) TF kernels": (lambda: LAMB(learning_rate=1e-3), 10),
+    "ours LAMB (wd=0.01) native": (lambda: LAMB(learning_rate=1e-3, fused="native"), 10),
+    "ours LAMB wd=0 native": (lambda: LAMB(learning_rate=1e-3, weight_decay=0.0, fused="native"), 10),
     "ours LARS keras.ops only": (lambda: LARS(learning_rate=0.1, momentum=0.9, fused=False), 7),
     "ours LAMB (wd=0.01) keras.ops only": (lambda: LAMB(learning_rate=1e-3, fused=False), 10),
 }
@@ -116,24 +116,8 @@ OPTIMIZERS = {
 SGD_BASELINE = "keras SGD(momentum=0.9)"
 BASELINES = (SGD_BASELINE,)
 #: (row, target ratio to its floor) of issue 13.
-TARGETS = (("ours LARS", 1.3), ("ours LARS wd=5e-4", 1.3), ("ours LAMB (wd=0.01)", 1.3))
-
-
-#: Rows traced with the package's CPU kernels turned off.
-TF_KERNEL_ROWS = ("ours LARS TF kernels", "ours LAMB (wd=0.01) TF kernels")
-
-
-@contextlib.contextmanager
-def native_kernels_off(off: bool):
-    """While tracing (the first call), ``HVD_LARGEBATCH_NATIVE_KERNELS=0`` if ``off``."""
-    if not off:
-        yield
-        return
-    os.environ[fused_kernels.NATIVE_KERNELS_ENV] = "0"
-    try:
-        yield
-    finally:
-        del os.environ[fused_kernels.NATIVE_KERNELS_ENV]
+TARGETS = tuple((row, 1.3) for row in ("ours LARS", "ours LAMB (wd=0.01)", "ours LARS native",
+                                        "ours LARS wd=5e-4 native", "ours LAMB (wd=0.01) native"))
 
 
 def make_step(optimizer, shapes, rng):
@@ -199,8 +183,7 @@ def main(argv=None) -> int:
     first_call = {}
     for name, step in steps.items():
         start = time.perf_counter()
-        with native_kernels_off(name in TF_KERNEL_ROWS):
-            step()
+        step()
         first_call[name] = time.perf_counter() - start
         for _ in range(args.warmup):
             step()

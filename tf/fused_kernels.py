@@ -1,11 +1,11 @@
-"""Single-pass kernels for the optimizers' ``fused=True`` path: our own CPU kernels, else TensorFlow's.
+"""Single-pass kernels for the optimizers' fused paths: TensorFlow's (``fused=True``) or our own (``fused="native"``).
 
 TensorFlow executes ``keras.ops`` elementwise operations one kernel at a
 time, each a full pass over memory with a new output buffer (a fresh
-model-sized output also page-faults on CPU). The ``fused=True`` path removes
-those passes in one of two ways (measured by ``benchmarks/keras_optimizers.py``):
+model-sized output also page-faults on CPU). The fused paths remove those
+passes in one of two ways (measured by ``benchmarks/keras_optimizers.py``):
 
-**Our CPU kernels** (``fused_kernels.cc`` beside this file, compiled with the
+**Our CPU kernels**, ``fused="native"`` (``fused_kernels.cc`` beside this file, compiled with the
 system C++ compiler on first use and cached, then loaded with
 ``tf.load_op_library``). Each op covers all tensors of a step and updates
 variables in place, one pass over memory per op:
@@ -26,11 +26,12 @@ Their sums use a fixed blocking and fixed partial sums, and the file is
 compiled without floating-point contraction, so results do not depend on the
 thread count or on the vector instructions the compiler picks (every Horovod
 rank computes the same bits). They serve float32/float64 variables of one
-dtype in a CPU-only process, outside XLA (:func:`native_kernels_usable`);
-set ``HVD_LARGEBATCH_NATIVE_KERNELS=0`` to turn them off. Where they do not
-apply, or cannot be built (no compiler), the optimizers use:
+dtype in a CPU-only process, outside XLA (:func:`native_kernels_usable`).
+They are off by default, because they need a C++ compiler the user may not
+have and a first build of about 10 s. Where they are not asked for, do not
+apply, or cannot be built (no compiler: a warning says so), the optimizers use:
 
-**TensorFlow's kernels**: ``tf.nn.l2_loss`` (``||x||^2`` in one read, where
+**TensorFlow's kernels**, ``fused=True`` (the default): ``tf.nn.l2_loss`` (``||x||^2`` in one read, where
 ``keras.ops`` needs ``sum(square(x))``), ``ResourceApplyKerasMomentum``
 (``m = s*m - rate*d; w += m`` in place; it sweeps ``m`` twice) and
 ``ResourceApplyGradientDescent`` (``w -= a*u`` in place).
@@ -59,7 +60,7 @@ __all__ = [
     "squared_norm",
     "apply_momentum",
     "apply_scaled_step",
-    "NATIVE_KERNELS_ENV",
+    "NATIVE",
     "native_ops",
     "native_kernels_usable",
     "tensor_stats",
@@ -68,8 +69,8 @@ __all__ = [
     "lamb_apply",
 ]
 
-#: Environment variable: "0" turns our CPU kernels off (TensorFlow's are used instead).
-NATIVE_KERNELS_ENV = "HVD_LARGEBATCH_NATIVE_KERNELS"
+#: The optimizers' ``fused`` value that asks for our CPU kernels.
+NATIVE = "native"
 _SOURCE = Path(__file__).with_name("fused_kernels.cc")
 _CXX_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-w")
 
@@ -165,9 +166,7 @@ def _load() -> Any:
 
 
 def native_ops() -> Any:
-    """The loaded op module of ``fused_kernels.cc`` (built on first call), or None if turned off or unavailable."""
-    if os.environ.get(NATIVE_KERNELS_ENV, "1") == "0":
-        return None
+    """The loaded op module of ``fused_kernels.cc`` (built on first call), or None when it cannot be built."""
     return _load()
 
 

@@ -54,9 +54,11 @@ class LAMB(LargeBatchOptimizer):
             rule: ``ndim <= 1`` or a path matching bias/bn/batchnorm/norm), False,
             regex(es) on ``variable.path``, or a callable ``(path, shape) -> bool``.
         nonfinite: ``"skip"`` (default) or ``"raise"``.
-        fused: norms and the weight step with single-pass kernels (default: the
-            package's CPU kernels where they apply, else TensorFlow's; see
-            :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
+        fused: norms and the weight step with TensorFlow's single-pass
+            kernels (True, the default), with the package's CPU kernels where they apply
+            (``"native"``: built with the system C++ compiler on first use;
+            see :mod:`hvd_largebatch.tf.fused_kernels`) or with ``keras.ops``
+            alone (False).
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...).
 
@@ -82,7 +84,7 @@ class LAMB(LargeBatchOptimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         nonfinite: str = _LAMB.nonfinite,
-        fused: bool = True,
+        fused: bool | str = True,
         name: str = "lamb",
         **kwargs: Any,
     ):

@@ -25,9 +25,11 @@ It holds what every rule shares and leaves the arithmetic to
 * ``prev_learning_rate``, the LR of the last applied step, kept as an
   optimizer variable so that momentum correction survives save and load;
 * ``fused``: whether norms and the weight steps use single-pass kernels
-  (:mod:`hvd_largebatch.tf.fused_kernels`, the default: the package's own
-  CPU kernels where they apply, else TensorFlow's) or ``keras.ops`` alone
-  (:mod:`hvd_largebatch.tf.update_rules`); same math.
+  (:mod:`hvd_largebatch.tf.fused_kernels`): TensorFlow's (True, the
+  default), the package's own CPU kernels where they apply (``"native"``:
+  compiled with the system C++ compiler on first use, TensorFlow's
+  elsewhere), or ``keras.ops`` alone (False, :mod:`hvd_largebatch.tf.update_rules`);
+  same math.
 
 The update is done for all variables at once in :meth:`_backend_update_step`
 (one traced function over every tensor: per-step scalars are computed on
@@ -83,7 +85,8 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         weight_decay: the coupled weight decay ``beta`` (not Keras's decoupled one).
         weight_decay_exclusion, layer_adaptation_exclusion: the two
             :class:`hvd_largebatch.config.ExclusionRule`.
-        fused: whether single-pass kernels do the norms and the weight steps.
+        fused: True (TensorFlow's single-pass kernels), ``"native"`` (the
+            package's CPU kernels where they apply) or False (``keras.ops``).
         prev_learning_rate: variable, the LR of the last applied step (0 before the first).
         skipped_steps: variable, the number of steps skipped for non-finite gradients.
     """
@@ -100,12 +103,13 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         nonfinite: str = "skip",
-        fused: bool = True,
+        fused: bool | str = True,
         name: str | None = None,
         **kwargs: Any,
     ):
         core_spelling.refuse_other_spellings(type(self).__name__, kwargs)
-        config.check_bool("fused", fused)
+        if not (isinstance(fused, bool) or fused == fused_kernels.NATIVE):
+            raise ValueError(f"fused must be True, False or {fused_kernels.NATIVE!r}, got {fused!r}")
         core_fields = core_spelling.to_core(hyperparameters)
         if _is_number(learning_rate):
             core_fields["lr"] = learning_rate
@@ -212,8 +216,8 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         indices = [self._get_variable_index(v) for v in variables]
         grads = [ops.cast(ops.convert_to_tensor(g), v.dtype) for g, v in zip(grads, variables)]
         lr = ops.cast(learning_rate, self._scalar_dtype)
-        # Decided per trace: our CPU kernels where they apply (see fused_kernels.native_kernels_usable).
-        self._native_kernels = self.fused and fused_kernels.native_kernels_usable(variables)
+        # Decided per trace: our CPU kernels where asked for and they apply (fused_kernels.native_kernels_usable).
+        self._native_kernels = self.fused == fused_kernels.NATIVE and fused_kernels.native_kernels_usable(variables)
         self._batched_update(grads, variables, indices, lr)
 
     def _batched_update(self, grads, variables, indices, lr) -> None:

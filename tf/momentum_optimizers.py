@@ -154,9 +154,11 @@ class SGD(_MomentumRule):
             ``ndim <= 1`` or a path matching bias/bn/batchnorm/norm), False, regex(es)
             on ``variable.path``, or a callable ``(path, shape) -> bool``.
         nonfinite: ``"skip"`` (default: skip and count the step) or ``"raise"``.
-        fused: do the momentum step with single-pass kernels (default: the
-            package's CPU kernels where they apply, else TensorFlow's; see
-            :mod:`hvd_largebatch.tf.fused_kernels`) or with ``keras.ops`` alone.
+        fused: do the momentum step with TensorFlow's single-pass kernels
+            (True, the default), with the package's CPU kernels where they
+            apply (``"native"``: built with the system C++ compiler on first
+            use; see :mod:`hvd_largebatch.tf.fused_kernels`) or with
+            ``keras.ops`` alone (False).
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...),
             except ``weight_decay``'s decoupled meaning.
@@ -183,7 +185,7 @@ class SGD(_MomentumRule):
         momentum_correction: bool = _SGD.momentum_correction,
         exclude_from_weight_decay: config.ExclusionSpec = None,
         nonfinite: str = _SGD.nonfinite,
-        fused: bool = True,
+        fused: bool | str = True,
         name: str = "sgd",
         **kwargs: Any,
     ):
@@ -244,9 +246,11 @@ class LARS(_MomentumRule):
             regex(es) on ``variable.path`` or a callable ``(path, shape) -> bool``.
         exclude_from_layer_adaptation: tensors without the trust ratio, same forms.
         nonfinite: ``"skip"`` (default) or ``"raise"``.
-        fused: norms and momentum step with single-pass kernels (default: the
-            package's CPU kernels where they apply, else TensorFlow's; see
-            :mod:`hvd_largebatch.tf.fused_kernels`) or ``keras.ops`` alone.
+        fused: norms and momentum step with TensorFlow's single-pass
+            kernels (True, the default), with the package's CPU kernels where they apply
+            (``"native"``: built with the system C++ compiler on first use;
+            see :mod:`hvd_largebatch.tf.fused_kernels`) or with ``keras.ops``
+            alone (False).
         name: optimizer name.
         **kwargs: Keras base optimizer arguments (``clipnorm``, ``use_ema``, ...).
 
@@ -275,7 +279,7 @@ class LARS(_MomentumRule):
         exclude_from_weight_decay: config.ExclusionSpec = None,
         exclude_from_layer_adaptation: config.ExclusionSpec = None,
         nonfinite: str = _LARS.nonfinite,
-        fused: bool = True,
+        fused: bool | str = True,
         name: str = "lars",
         **kwargs: Any,
     ):
@@ -401,7 +405,7 @@ class CLARS(LARS):
         nonfinite: str = _CLARS.nonfinite,
         estimator: str = _CLARS.estimator,
         chunk_size: int = _CLARS.chunk_size,
-        fused: bool = True,
+        fused: bool | str = True,
         name: str = "clars",
         **kwargs: Any,
     ):

@@ -44,7 +44,7 @@ BAD_INPUTS = [
     ("lars-nesterov-no-momentum", lambda: LARS(nesterov=True, momentum=0.0), r"nesterov=True requires momentum > 0"),
     ("lars-clip-not-bool", lambda: LARS(clip="yes"), r"clip must be True or False"),
     ("lars-nonfinite", lambda: LARS(nonfinite="ignore"), r"nonfinite must be one of 'skip', 'raise'"),
-    ("lars-fused-not-bool", lambda: LARS(fused=1), r"fused must be True or False"),
+    ("lars-fused-not-bool", lambda: LARS(fused=1), r"fused must be True, False or 'native', got 1"),
     ("lars-exclusion-int", lambda: LARS(exclude_from_weight_decay=3), r"exclude_from_weight_decay must be None"),
     ("lars-exclusion-regex", lambda: LARS(exclude_from_layer_adaptation=["bias", "("]), r"exclude_from_layer_adaptation has an invalid regex"),
     ("lars-unknown-keras-arg", lambda: LARS(decay_steps=3), r"not recognized"),

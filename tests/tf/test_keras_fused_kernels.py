@@ -33,10 +33,17 @@ def test_the_kernels_build_and_load_here():
     assert fused_kernels.native_ops() is not None
 
 
-def test_they_are_off_under_the_environment_switch(monkeypatch):
-    monkeypatch.setenv(fused_kernels.NATIVE_KERNELS_ENV, "0")
-    assert fused_kernels.native_ops() is None
-    assert not fused_kernels.native_kernels_usable([tf.Variable(np.zeros(3, np.float32))])
+def test_they_are_used_only_when_asked_for():
+    w = tf.Variable(np.ones((4, 4), np.float32))
+    for fused, native in ((True, False), (False, False), ("native", True)):
+        optimizer = LARS(learning_rate=0.1, fused=fused)
+        optimizer.apply([tf.ones((4, 4))], [w])
+        assert optimizer._native_kernels == native, fused
+
+
+def test_the_fused_argument_is_checked():
+    with pytest.raises(ValueError, match="fused must be True, False or 'native', got 'Native'"):
+        LARS(learning_rate=0.1, fused="Native")
 
 
 def test_they_are_not_used_for_mixed_dtypes_nor_inside_xla():
@@ -137,6 +144,6 @@ def test_sums_do_not_depend_on_the_thread_count():
 
 def test_lars_takes_the_native_path_on_cpu():
     w = tf.Variable(np.ones((4, 4), np.float32))
-    optimizer = LARS(learning_rate=0.1)
+    optimizer = LARS(learning_rate=0.1, fused="native")
     optimizer.apply([tf.ones((4, 4))], [w])
     assert optimizer._native_kernels

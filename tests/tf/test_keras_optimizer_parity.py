@@ -6,10 +6,10 @@ decay on and off, excluded tensors, zero-initialised tensors, LRs that change
 every step (momentum correction) and CLARS's per-example norms.
 ``keras_adapter`` turns each row into Keras arguments. Each row runs in a
 ``tf.function`` (as under ``model.fit``) on each of the three paths of the
-update: ``fused=True`` (the default) with the package's CPU kernels
-(``fused_kernels.cc``), ``fused=True`` with them turned off (TensorFlow's
-kernels, the path of GPUs, XLA and machines without a compiler), and
-``keras.ops`` alone (``fused=False``); one row per optimizer also runs
+update: ``fused="native"`` (the package's CPU kernels, ``fused_kernels.cc``),
+``fused=True`` (the default: TensorFlow's kernels, the path of GPUs, XLA and
+machines without a compiler), and ``keras.ops`` alone (``fused=False``); one
+row per optimizer also runs
 eagerly and with a non-finite gradient.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hvd_largebatch.tf import create_optimizer, fused_kernels
+from hvd_largebatch.tf import create_optimizer
 from keras_adapter import PATHS, keras_step, make_keras, state_in_core_names, step_function, weights_of
 from optimizer_cases import (
     CASE_IDS,
@@ -52,15 +52,12 @@ def tiny_model(zero_first_kernel: bool) -> keras.Model:
 
 
 #: The update's paths: name -> (fused argument, whether our CPU kernels are on).
-PATHS_OF_THE_UPDATE = {"native": (True, True), "tf_kernels": (True, False), "keras_ops": (False, False)}
+PATHS_OF_THE_UPDATE = {"native": ("native", True), "tf_kernels": (True, False), "keras_ops": (False, False)}
 
 
 @pytest.fixture(params=list(PATHS_OF_THE_UPDATE))
-def update_path(request, monkeypatch):
-    """Each path of the update; ``tf_kernels`` turns our CPU kernels off through their environment variable."""
-    fused, native = PATHS_OF_THE_UPDATE[request.param]
-    if not native:
-        monkeypatch.setenv(fused_kernels.NATIVE_KERNELS_ENV, "0")
+def update_path(request):
+    """Each path of the update, by name."""
     return request.param
 
 
