@@ -10,7 +10,12 @@ in its parameters, example ``i``'s kernel gradient is ``a_i^T g_i`` with
   (``||a_i||^2 ||g_i||^2`` when ``T = 1``); bias gradient ``sum_t g_i[t]``;
 * ``Conv1D``/``Conv2D``: the same on the input patches of every output
   position (``tf.image.extract_patches``), per group; bias: ``g_i`` summed
-  over positions;
+  over positions. A ``Conv2D`` whose per-example kernel gradients are the
+  cheaper form (:func:`conv_norm_form`) with a kernel larger than 1x1, one
+  group and no dilation forms them with TensorFlow's own weight-gradient
+  convolution, one example at a time (:func:`uses_filter_gradient`): on
+  CPUs that is two to three times faster than the patches, whose
+  extraction alone costs more than the convolution;
 * ``BatchNormalization``: ``gamma`` gradient ``sum_positions g_i * xhat_i``
   and ``beta`` gradient ``sum_positions g_i`` per channel, ``xhat``
   normalised by the statistics the layer used: the moving ones in inference
@@ -26,7 +31,7 @@ the training gradient and the per-example norms.
 
 Each layer uses the cheaper exact form (the Gram form, ``~T^2 (d_in + d_out)``
 per example, or the per-example product for that one layer,
-``~T d_in d_out``). :class:`GhostRecorder` wraps, for the duration of one
+``~T d_in d_out``), chosen per layer from its static shapes. :class:`GhostRecorder` wraps, for the duration of one
 forward pass, each measured layer's ``call`` (to see its input) and its
 ``activation`` (to see the pre-activation output ``z``), then one
 ``tape.gradient`` gives every ``g``. Layers of other kinds, subclasses that
@@ -41,12 +46,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import inspect
+import math
 
 import keras
 import tensorflow as tf
 from keras.src.models.functional import Functional  # Keras 3 has no public name for this class
 
-__all__ = ["GhostRecorder", "only_batch_norm_depends_on_training"]
+__all__ = ["GhostRecorder", "conv_norm_form", "only_batch_norm_depends_on_training", "uses_filter_gradient"]
 
 _CONVS = (keras.layers.Conv1D, keras.layers.Conv2D)
 
@@ -312,6 +318,82 @@ def _dense_squared_norms(inputs: Any, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     return kernel, tf.reduce_sum(tf.square(tf.reduce_sum(g, 1)), 1)
 
 
+#: Examples whose kernel gradients one loop step of :func:`_filter_gradient_squared_norms` forms.
+_EXAMPLES_PER_STEP = 8
+
+
+def conv_norm_form(layer: Any, positions: int) -> str:
+    """How the per-example kernel norms of a convolution with ``positions`` output positions are evaluated.
+
+    ``"gram"``: the Gram form on the input patches (cost per example and
+    group ``~ L^2 (rows + filters/groups)``); ``"product"``: the per-example
+    kernel gradients themselves (``~ L * rows * filters/groups``); the
+    cheaper of the two, as the PyTorch function of this name. ``rows`` is
+    ``channels/groups * prod(kernel_size)``. A 2-D product with a kernel
+    larger than 1x1, one group and no dilation is TensorFlow's own
+    weight-gradient convolution, one example at a time
+    (:func:`uses_filter_gradient`); other products are batched matrix
+    products on the patches.
+    """
+    rows = math.prod(int(size) for size in layer.kernel.shape[:-1])
+    columns = layer.kernel.shape[-1] // layer.groups
+    return "gram" if positions * (rows + columns) <= rows * columns else "product"
+
+
+def uses_filter_gradient(layer: Any, positions: int) -> bool:
+    """Whether a convolution's per-example kernel norms come from ``Conv2DBackpropFilter`` per example.
+
+    True for a ``Conv2D`` in the product form (:func:`conv_norm_form`) with
+    a kernel larger than 1x1, one group and dilation 1 (TensorFlow's CPU
+    kernels do not dilate the weight gradient). On CPUs this beats the
+    patches: ``tf.image.extract_patches`` and the strided copies are slower
+    than the convolution itself. A 1x1 kernel's patches are the (strided)
+    input, so the batched product on them stays.
+    """
+    return (
+        len(layer.kernel_size) == 2
+        and layer.groups == 1
+        and all(rate == 1 for rate in layer.dilation_rate)
+        and math.prod(layer.kernel_size) > 1
+        and positions > 1
+        and conv_norm_form(layer, positions) == "product"
+    )
+
+
+def _filter_gradient_squared_norms(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
+    """``||kernel gradient of example n||^2`` for channels-last ``x: (B, H, W, C)`` and ``g: (B, H', W', F)``.
+
+    A ``tf.map_fn`` over steps of :data:`_EXAMPLES_PER_STEP` examples (the
+    batch padded with zero examples to a multiple), each example's kernel
+    gradient one ``Conv2DBackpropFilter``, squared and summed at once: at
+    most that many kernel gradients exist at a time.
+    """
+    step = _EXAMPLES_PER_STEP
+    batch = tf.shape(x)[0]
+    steps = (batch + step - 1) // step
+    extra = steps * step - batch
+
+    def in_steps(t: tf.Tensor) -> tf.Tensor:
+        t = tf.pad(t, [[0, extra]] + [[0, 0]] * (len(t.shape) - 1))
+        return tf.reshape(t, tf.concat([[steps, step], tf.shape(t)[1:]], 0))
+
+    filter_sizes = tf.constant([int(size) for size in layer.kernel.shape], tf.int32)
+    strides = [1, *layer.strides, 1]
+    padding = "SAME" if layer.padding == "same" else "VALID"
+
+    def norms(pair):
+        xs, gs = pair
+        return tf.stack([
+            tf.reduce_sum(tf.square(tf.raw_ops.Conv2DBackpropFilter(
+                input=xs[j : j + 1], filter_sizes=filter_sizes, out_backprop=gs[j : j + 1], strides=strides, padding=padding,
+            )))
+            for j in range(step)
+        ])
+
+    squared = tf.map_fn(norms, (in_steps(x), in_steps(g)), fn_output_signature=tf.TensorSpec((step,), x.dtype))
+    return tf.reshape(squared, (-1,))[:batch]
+
+
 def _conv_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     x = tf.convert_to_tensor(inputs)
     g = tf.cast(grad, x.dtype)
@@ -319,6 +401,11 @@ def _conv_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor) -> tuple[tf.Te
     if layer.data_format == "channels_first":
         order = [0, *range(2, 2 + rank), 1]
         x, g = tf.transpose(x, order), tf.transpose(g, order)
+    batch, filters = tf.shape(g)[0], g.shape[-1]
+    positions = math.prod(g.shape[1:-1])
+    bias = tf.reduce_sum(tf.square(tf.reduce_sum(tf.reshape(g, (batch, positions, filters)), 1)), 1)
+    if uses_filter_gradient(layer, positions):
+        return _filter_gradient_squared_norms(layer, x, g), bias
     if rank == 1:
         if layer.padding == "causal":
             x = tf.pad(x, [[0, 0], [layer.dilation_rate[0] * (layer.kernel_size[0] - 1), 0], [0, 0]])
@@ -330,16 +417,13 @@ def _conv_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor) -> tuple[tf.Te
     patches = tf.image.extract_patches(
         x, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1], padding=padding
     )  # (B, H', W', kh*kw*C), channel fastest
-    batch = tf.shape(patches)[0]
-    positions = patches.shape[1] * patches.shape[2]
-    groups, channels, filters = layer.groups, x.shape[-1], g.shape[-1]
+    groups, channels = layer.groups, x.shape[-1]
     taps = patches.shape[-1] // channels
     a = tf.reshape(patches, (batch, positions, taps, groups, channels // groups))
     a = tf.reshape(tf.transpose(a, [0, 3, 1, 2, 4]), (batch * groups, positions, taps * channels // groups))
     gg = tf.reshape(g, (batch, positions, groups, filters // groups))
     gg = tf.reshape(tf.transpose(gg, [0, 2, 1, 3]), (batch * groups, positions, filters // groups))
     kernel = tf.reduce_sum(tf.reshape(_gram_or_product(a, gg), (batch, groups)), 1)
-    bias = tf.reduce_sum(tf.square(tf.reduce_sum(tf.reshape(g, (batch, positions, filters)), 1)), 1)
     return kernel, bias
 
 
@@ -354,9 +438,11 @@ def _batch_norm_squared_norms(layer: Any, inputs: Any, grad: tf.Tensor, statisti
     mean, variance = (layer.moving_mean, layer.moving_variance) if statistics is None else statistics
     mean = tf.reshape(tf.cast(mean, dtype), shape)
     variance = tf.reshape(tf.cast(variance, dtype), shape)
-    xhat = (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
     reduce = [i for i in range(1, len(x.shape)) if i not in axes]
-    gamma = tf.reduce_sum(g * xhat, reduce) if reduce else g * xhat
+    # 1/sigma is applied to the per-channel sums: one full-size product fewer than forming xhat
+    gamma = (tf.reduce_sum(g * (x - mean), reduce, keepdims=True) if reduce else g * (x - mean)) * tf.math.rsqrt(
+        variance + layer.epsilon
+    )
     beta = tf.reduce_sum(g, reduce) if reduce else g
     batch = tf.shape(x)[0]
     return (

@@ -8,7 +8,9 @@ import pytest
 import tensorflow as tf
 
 from hvd_largebatch.tf import CLARS, CLARSModel
-from hvd_largebatch.tf.ghost_norms import GhostRecorder, only_batch_norm_depends_on_training
+from hvd_largebatch.tf.ghost_norms import (
+    GhostRecorder, conv_norm_form, only_batch_norm_depends_on_training, uses_filter_gradient,
+)
 from hvd_largebatch.tf.per_example_norms import exact_norm_sums, exact_norm_sums_by_rules
 
 L = keras.layers
@@ -40,6 +42,11 @@ MODELS = [
     # the 2-D Gram form (4 output positions, 54 patch rows), then a single position
     ("conv2d-gram-bn", (4, 4, 6), lambda: [
         L.Conv2D(8, 3, strides=2, padding="same"), _bn("bn1"), L.Activation("relu"), L.Conv2D(12, 2), L.Flatten()]),
+    # 2-D products both ways: a strided 3x3 with uneven "same" padding by per-example weight-gradient
+    # convolutions, a strided 1x1 by the product on its patches
+    ("conv2d-strided-same-and-1x1", (7, 7, 3), lambda: [
+        L.Conv2D(5, 3, strides=2, padding="same"), _bn("bn1"), L.Activation("relu"),
+        L.Conv2D(6, 1, strides=2, activation="tanh"), L.Flatten()]),
     # one BatchNorm layer called twice (its variables fall back; CLARSModel measures all in a separate pass)
     ("bn-called-twice", (5,), lambda: (lambda bn: [
         L.Dense(7), bn, L.Activation("relu"), L.Dense(7), bn, L.Activation("relu")])(_bn("bn1"))),
@@ -102,6 +109,19 @@ def test_ghost_norms_equal_the_vectorized_map_reference(float64, name, shape, la
         np.testing.assert_allclose(ghost.numpy(), reference.numpy(), rtol=1e-10, atol=1e-12)
     for layer in model.layers:  # the recorder leaves no wrapper behind
         assert "call" not in layer.__dict__ and "_hvd_largebatch_activation" not in layer.__dict__
+
+
+def test_the_model_rows_cover_every_2d_convolution_form():
+    """The rows above compare each way of measuring a Conv2D kernel with the reference."""
+    forms = {}
+    for name, shape, layers in MODELS:
+        model, _, _ = _model_and_batch(shape, layers, n=2)
+        for layer in model.layers:
+            if isinstance(layer, L.Conv2D):
+                positions = int(np.prod(layer.output.shape[1:-1]))
+                form = (conv_norm_form(layer, positions), uses_filter_gradient(layer, positions))
+                forms.setdefault(form, []).append(f"{name}/{layer.name}")
+    assert {("gram", False), ("product", True), ("product", False)} <= set(forms), forms
 
 
 def test_the_recorder_measures_rule_layers_and_names_the_rest(float64):
