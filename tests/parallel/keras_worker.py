@@ -66,6 +66,8 @@ FITS = {
     "clars_microbatch": (lambda **kw: CLARS(learning_rate=1.0, trust_coefficient=0.02, **kw), "microbatch:2", 1),
     "accumulate2_lars": (lambda: LARS(learning_rate=1.0, weight_decay=1e-3, trust_coefficient=0.02), None, 2),
     "accumulate2_lamb": (lambda: LAMB(learning_rate=1.0), None, 2),
+    "native_lars": (lambda: LARS(learning_rate=1.0, weight_decay=1e-3, trust_coefficient=0.02, fused="native"), None, 1),
+    "native_lamb": (lambda: LAMB(learning_rate=1.0, fused="native"), None, 1),
 }
 
 

@@ -31,7 +31,7 @@ from launcher import run_under_horovod
 WORKER = Path(__file__).with_name("keras_worker.py")
 FITS = (
     "lars", "lamb", "sgd", "keras_sgd", "keras_adam", "clars_exact", "clars_microbatch",
-    "accumulate2_lars", "accumulate2_lamb",
+    "accumulate2_lars", "accumulate2_lamb", "native_lars", "native_lamb",
 )
 # float64: only the order of the gradient summation separates the ranks from the single process
 SINGLE_PROCESS_TOLERANCE = 1e-12
