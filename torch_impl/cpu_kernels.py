@@ -66,7 +66,12 @@ def require() -> ModuleType:
 def serves(*tensors: torch.Tensor) -> bool:
     """Whether the loops can update these tensors: all on the CPU, one dtype (float32 or float64), contiguous."""
     dtype = tensors[0].dtype
-    return dtype in _NUMPY_DTYPES and all(t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
+    if dtype not in _NUMPY_DTYPES:
+        return False
+    for t in tensors:  # a plain loop: this runs for every tensor of every step
+        if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+            return False
+    return True
 
 
 def numpy_dtype(dtype: torch.dtype) -> type:

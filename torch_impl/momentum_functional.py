@@ -249,9 +249,10 @@ def _rates_as_floats(params, decay, adapt, grad_norms, weight_norms, local_rates
     if weight_norms is None:
         weight_norms = torch._foreach_norm(params)
     adapt_all = torch.tensor(list(adapt), dtype=torch.bool, device=device)
+    like = lambda n: n if n.dtype == dtype and n.device == device else n.to(device=device, dtype=dtype)  # noqa: E731
     local = lars_local_rates(
-        torch.stack([n.to(device=device, dtype=dtype) for n in weight_norms]),
-        torch.stack([n.to(device=device, dtype=dtype) for n in grad_norms]),
+        torch.stack([like(n) for n in weight_norms]),
+        torch.stack([like(n) for n in grad_norms]),
         adapt=adapt_all,
         decay=torch.tensor(list(decay), dtype=torch.bool, device=device),
         trust_coefficient=trust_coefficient,

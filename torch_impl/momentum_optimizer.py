@@ -35,6 +35,7 @@ class MomentumOptimizer(LargeBatchOptimizer):
     def _apply_group(self, group: dict[str, Any], work: GroupWork, ratios_out: list | None) -> None:
         lr = group["lr"]
         velocities, corrections = [], []
+        factors: dict[float, float] = {}  # the tensors of a group nearly always share prev_lr: one factor each
         for p in work.params:
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -42,7 +43,12 @@ class MomentumOptimizer(LargeBatchOptimizer):
                 state["prev_lr"] = None
             velocities.append(state["momentum_buffer"])
             prev = state["prev_lr"]
-            corrections.append(momentum_correction(prev, lr) if group["momentum_correction"] and prev is not None else 1.0)
+            if not group["momentum_correction"] or prev is None:
+                corrections.append(1.0)
+                continue
+            if prev not in factors:
+                factors[prev] = momentum_correction(prev, lr)
+            corrections.append(factors[prev])
         adapt = [group[ADAPT_MASK][i] for i in work.positions] if self.uses_adaptation else None
         momentum_update(
             work.params,

@@ -29,9 +29,10 @@ _HALF_NORM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """Positions of ``tensors`` bucketed by ``(device, dtype)``, in first-seen order, each in list order."""
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    buckets: dict[tuple[torch.device | None, torch.dtype], list[int]] = {}
     for index, tensor in enumerate(tensors):
-        buckets.setdefault((tensor.device, tensor.dtype), []).append(index)
+        # is_cpu is cheaper than building a torch.device for every tensor of every step
+        buckets.setdefault((None if tensor.is_cpu else tensor.device, tensor.dtype), []).append(index)
     return list(buckets.values())
 
 
