@@ -258,9 +258,12 @@ class GhostRecorder:
         return result
 
 
-def _slices(batch: int, per_example: int) -> list[slice]:
+def _over_slices(batch: int, per_example: int, rule) -> torch.Tensor:
+    """``rule(part)`` over slices of examples of at most ``_SLICE_ELEMENTS / per_example`` each, concatenated."""
     step = max(1, _SLICE_ELEMENTS // max(1, per_example))
-    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+    if step >= batch:
+        return rule(slice(None))
+    return torch.cat([rule(slice(start, min(start + step, batch))) for start in range(0, batch, step)])
 
 
 def _gram_is_cheaper(positions: int, rows: int, columns: int) -> bool:
@@ -274,16 +277,17 @@ def _gram_or_product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     q = g.shape[1]
     if t == 1:
         return a.square().sum((1, 2)) * g.square().sum((1, 2))
-    out = a.new_empty(n)
     if _gram_is_cheaper(t, p, q):
-        for part in _slices(n, t * t):
+        def gram(part: slice) -> torch.Tensor:
             gram_a = torch.bmm(a[part], a[part].transpose(1, 2))
-            gram_g = torch.bmm(g[part].transpose(1, 2), g[part])
-            out[part] = (gram_a * gram_g).sum((1, 2))
-    else:
-        for part in _slices(n, p * q):
-            out[part] = torch.linalg.vector_norm(torch.bmm(g[part], a[part]), dim=(1, 2)).square()
-    return out
+            return (gram_a * torch.bmm(g[part].transpose(1, 2), g[part])).sum((1, 2))
+
+        return _over_slices(n, t * t, gram)
+
+    def product(part: slice) -> torch.Tensor:
+        return torch.linalg.vector_norm(torch.bmm(g[part], a[part]), dim=(1, 2)).square()
+
+    return _over_slices(n, p * q, product)
 
 
 def _linear_squared_norms(activation: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,19 +309,20 @@ def _conv_input_and_padding(module: nn.Module, x: torch.Tensor) -> tuple[torch.T
 def _conv_patches(module: nn.Module, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
     """``(B * groups, L, C_in/groups * prod(kernel))``: the input patch each output position of the convolution sees.
 
-    1-D: windows of a strided view of the padded input, copied once into
-    place; 2-D: ``F.unfold``.
+    1-D: the ``k`` taps of the kernel are ``k`` strided slices of the padded
+    input, stacked into one ``(B, C_in, k, L)`` copy (cheaper than copying the
+    overlapping windows of ``Tensor.unfold``), returned as a transposed view.
     """
     batch, groups = x.shape[0], module.groups
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     if x.dim() == 3:
         if padding[0]:
             x = F.pad(x, (padding[0], padding[0]))
-        span = dilation[0] * (kernel[0] - 1) + 1
-        windows = x.unfold(2, span, stride[0])[..., :: dilation[0]]  # (B, C_in, L, k), a view
-        positions = windows.shape[2]
-        windows = windows.reshape(batch, groups, -1, positions, kernel[0]).transpose(2, 3)
-        return windows.reshape(batch * groups, positions, -1).contiguous()  # overlapping windows: one copy
+        positions = (x.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+        end = stride[0] * (positions - 1) + 1
+        taps = [x[:, :, t * dilation[0]: t * dilation[0] + end: stride[0]] for t in range(kernel[0])]
+        stacked = torch.stack(taps, 2)  # (B, C_in, k, L), channel-major rows as F.unfold's
+        return stacked.reshape(batch * groups, -1, positions).transpose(1, 2)
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C_in*K, L), channel-major
     return patches.reshape(batch * groups, -1, patches.shape[-1]).transpose(1, 2)
 
@@ -349,16 +354,18 @@ def _conv_squared_norms(module: nn.Module, activation: torch.Tensor, grad: torch
     positions, out_rows = g.shape[-1], module.out_channels // groups
     rows = module.in_channels // groups * math.prod(module.kernel_size)
     x, padding = _conv_input_and_padding(module, activation)
-    weight = activation.new_empty(batch)
     form = conv_norm_form(module, positions)
+    bias = g.sum(2).square().sum(1)
     if form == "gram" or x.dim() == 3:
-        per_example = groups * (positions * positions + positions * rows if form == "gram" else positions * rows + rows * out_rows)
-        for part in _slices(batch, per_example):
+        def patch_rule(part: slice) -> torch.Tensor:
             a = _conv_patches(module, x[part], padding)
             b = a.shape[0] // groups
-            weight[part] = _gram_or_product(a, g[part].reshape(b * groups, out_rows, positions)).reshape(b, groups).sum(1)
-        return weight, g.sum(2).square().sum(1)
-    for part in _slices(batch, module.weight.numel()):
+            return _gram_or_product(a, g[part].reshape(b * groups, out_rows, positions)).reshape(b, groups).sum(1)
+
+        per_example = groups * (positions * positions + positions * rows if form == "gram" else positions * rows + rows * out_rows)
+        return _over_slices(batch, per_example, patch_rule), bias
+
+    def kernel_rule(part: slice) -> torch.Tensor:
         xs, gs = x[part], grad[part]
         b = xs.shape[0]
         per_example_kernels = torch.nn.grad.conv2d_weight(
@@ -367,8 +374,9 @@ def _conv_squared_norms(module: nn.Module, activation: torch.Tensor, grad: torch
             gs.reshape(1, b * module.out_channels, *gs.shape[2:]),
             module.stride, padding, module.dilation, b * groups,
         )
-        weight[part] = torch.linalg.vector_norm(per_example_kernels.reshape(b, -1), dim=1).square()
-    return weight, g.sum(2).square().sum(1)
+        return torch.linalg.vector_norm(per_example_kernels.reshape(b, -1), dim=1).square()
+
+    return _over_slices(batch, module.weight.numel(), kernel_rule), bias
 
 
 def _norm_squared_norms(module: nn.Module, x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,

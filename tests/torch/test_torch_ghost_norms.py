@@ -103,6 +103,27 @@ def test_ghost_norms_equal_the_vmap_reference_and_fused_training_pass_is_the_pla
     assert all(isinstance(m, nn.Module) and "forward" not in m.__dict__ for m in model.modules())
 
 
+# (id, loss_fn): cross_entropy itself takes the sum-reduction objective, the others the vmap one
+LOSSES = [
+    ("cross_entropy", F.cross_entropy),
+    ("label-smoothing", lambda outputs, targets: F.cross_entropy(outputs, targets, label_smoothing=0.2)),
+    ("class-weights", lambda outputs, targets: F.cross_entropy(
+        outputs, targets, weight=torch.tensor([0.5, 1.0, 2.0], dtype=outputs.dtype))),
+    ("quadratic", lambda outputs, targets: (outputs.square().sum(1) * (1 + targets)).mean()),
+]
+
+
+@pytest.mark.parametrize("loss_fn", [m[1] for m in LOSSES], ids=[m[0] for m in LOSSES])
+def test_ghost_norms_equal_the_vmap_reference_for_every_loss(loss_fn):
+    model, x, y = _model_and_batch(MODELS[4][1], MODELS[4][2])  # Conv1d with BatchNorm
+    params = list(model.parameters())
+    reference, _ = per_example_grad_norm_sums(model, loss_fn, x, y, params, method="vmap")
+    ghost, _ = per_example_grad_norm_sums(model, loss_fn, x, y, params, method="auto")
+    torch.testing.assert_close(ghost, reference, rtol=1e-10, atol=1e-12)
+    _, fused, _ = loss_and_grad_norm_sums(model, loss_fn, x, y, params)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+
+
 def test_the_models_cover_both_convolution_forms_in_one_and_two_dimensions():
     forms = set()
     for _, build, shape in MODELS:
