@@ -251,10 +251,16 @@ def _ghost_or_reference_norms(model, loss_fn, inputs, targets, params, names, ch
         training[0] = loss.detach()
     squared = recorder.squared_norms(grads)
     batch = inputs.shape[0]
-    columns: list[torch.Tensor | None] = [
-        squared[id(p)].clamp_min(0).sqrt() if id(p) in squared else None for p in params
-    ]
-    rest = [index for index, column in enumerate(columns) if column is None]
+    measured = [index for index, p in enumerate(params) if id(p) in squared]
+    rest = [index for index, p in enumerate(params) if id(p) not in squared]
+    ghost = None
+    if measured:  # one clamp and one root for all measured tensors
+        ghost = torch.stack([squared[id(params[i])].reshape(batch) for i in measured], 1).clamp_min_(0).sqrt_()
+        if not rest:
+            return ghost.to(params[0].dtype)
+    columns: list[torch.Tensor | None] = [None] * len(params)
+    for position, index in enumerate(measured):
+        columns[index] = ghost[:, position]
     if rest:
         reference = _reference_norms(
             model, loss_fn, inputs, targets, [params[i] for i in rest], [names[i] for i in rest], chunk_size

@@ -36,15 +36,15 @@ class _OwnBatchNorm(nn.BatchNorm1d):
 MODELS = [
     ("linear-bias-bn", lambda: nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3)), (5,)),
     ("linear-nobias", lambda: nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3, bias=False)), (5,)),
-    # sequence inputs: (2, 8) takes the Gram form, (3, 4) the per-example product
-    ("linear-seq-gram", lambda: nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)), (2, 8)),
+    # sequence inputs: (2, 16) takes the Gram form, (3, 4) the per-example product
+    ("linear-seq-gram", lambda: nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)), (2, 16)),
     ("linear-seq-product", lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)), (3, 4)),
     ("conv1d-bn", lambda: nn.Sequential(
         nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.BatchNorm1d(4), nn.ReLU(),
         nn.Conv1d(4, 6, 3, groups=2, dilation=2, bias=False), nn.BatchNorm1d(6), nn.ReLU(),
         nn.Conv1d(6, 4, 3, padding="same", padding_mode="circular"), nn.Flatten(), nn.Linear(4 * 4, 3)), (2, 16)),
     ("conv1d-nobias-gram", lambda: nn.Sequential(
-        nn.Conv1d(8, 8, 2, stride=2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2, 3)), (8, 4)),
+        nn.Conv1d(8, 16, 2, stride=2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 2, 3)), (8, 4)),
     ("conv2d-bn", lambda: nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Conv2d(4, 4, (3, 2), stride=2, padding="valid", bias=False), nn.BatchNorm2d(4), nn.ReLU(),
@@ -55,12 +55,12 @@ MODELS = [
         nn.Linear(6 * 7 * 7, 3)), (4, 5, 5)),
     # 1-D Gram form with groups and padding, then a dilated grouped product
     ("conv1d-gram-groups-bn", lambda: nn.Sequential(
-        nn.Conv1d(8, 8, 3, stride=3, padding=1, groups=2), nn.BatchNorm1d(8), nn.ReLU(),
-        nn.Conv1d(8, 8, 2, stride=1, dilation=2, padding=1, groups=2), nn.Flatten(), nn.Linear(8 * 2, 3)), (8, 6)),
+        nn.Conv1d(8, 24, 3, stride=3, padding=1, groups=2), nn.BatchNorm1d(24), nn.ReLU(),
+        nn.Conv1d(24, 8, 2, stride=1, dilation=2, padding=1, groups=2), nn.Flatten(), nn.Linear(8 * 2, 3)), (8, 6)),
     # 2-D Gram form (small output, many rows), with bias and BatchNorm, grouped and not
     ("conv2d-gram-bn", lambda: nn.Sequential(
-        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 2, groups=2, bias=False), nn.Flatten(), nn.Linear(12, 3)), (6, 4, 4)),
+        nn.Conv2d(6, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 12, 2, groups=2, bias=False), nn.Flatten(), nn.Linear(12, 3)), (6, 4, 4)),
     ("bn-eval-and-no-running-stats", lambda: nn.Sequential(
         nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4).eval(), nn.ReLU(), nn.Conv1d(4, 4, 3),
         nn.BatchNorm1d(4, track_running_stats=False), nn.Flatten(), nn.Linear(4 * 4, 3)), (2, 8)),
@@ -122,6 +122,12 @@ def test_ghost_norms_equal_the_vmap_reference_for_every_loss(loss_fn):
     torch.testing.assert_close(ghost, reference, rtol=1e-10, atol=1e-12)
     _, fused, _ = loss_and_grad_norm_sums(model, loss_fn, x, y, params)
     torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_the_sequence_models_cover_both_linear_forms():
+    from hvd_largebatch.torch_impl.ghost_norms import _gram_is_cheaper
+
+    assert _gram_is_cheaper(2, 16, 16) and not _gram_is_cheaper(3, 4, 6)
 
 
 def test_the_models_cover_both_convolution_forms_in_one_and_two_dimensions():
