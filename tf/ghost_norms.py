@@ -328,7 +328,9 @@ def conv_norm_form(layer: Any, positions: int) -> str:
     ``"gram"``: the Gram form on the input patches (cost per example and
     group ``~ L^2 (rows + filters/groups)``); ``"product"``: the per-example
     kernel gradients themselves (``~ L * rows * filters/groups``); the
-    cheaper of the two, as the PyTorch function of this name. ``rows`` is
+    cheaper of the two by that count (the PyTorch function of this name
+    asks the Gram form for a threefold advantage, measured there: its small
+    batched products run slowly on CPUs). ``rows`` is
     ``channels/groups * prod(kernel_size)``. A 2-D product with a kernel
     larger than 1x1, one group and no dilation is TensorFlow's own
     weight-gradient convolution, one example at a time
