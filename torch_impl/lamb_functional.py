@@ -126,19 +126,14 @@ def _lamb_update(params, grads, exp_avgs, exp_avg_sqs, steps, decay, adapt, fore
         return
     for bucket in group_by_device_and_dtype(params):
         pick = lambda seq: [seq[i] for i in bucket]  # noqa: E731 - local selector
+        columns = (pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales), pick(eps_scaled),
+                   pick(decay), pick(adapt))
         if fused == cpu_kernels.NUMBA and cpu_kernels.serves(params[bucket[0]]):
-            _numba(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales), pick(eps_scaled),
-                   pick(decay), pick(adapt), trust_ratios_out, bucket, foreach, **kwargs)
-            continue
-        if not foreach:
-            out = None if trust_ratios_out is None else [None] * len(bucket)
-            _single_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales),
-                           pick(eps_scaled), pick(decay), pick(adapt), out, **kwargs)
-            for position, ratio in zip(bucket, out or []):
-                trust_ratios_out[position] = ratio
-            continue
-        _multi_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales),
-                      pick(eps_scaled), pick(decay), pick(adapt), trust_ratios_out, bucket, workspace, **kwargs)
+            _numba(*columns, trust_ratios_out, bucket, **kwargs)
+        elif not foreach:
+            _single_tensor_at(*columns, trust_ratios_out, bucket, **kwargs)
+        else:
+            _multi_tensor(*columns, trust_ratios_out, bucket, workspace, **kwargs)
 
 
 def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt,
@@ -161,8 +156,17 @@ def _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, dec
             trust_ratios_out[i] = ratio[0]
 
 
+def _single_tensor_at(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt, trust_ratios_out,
+                      positions, **kwargs) -> None:
+    """:func:`_single_tensor` on some tensors, whose trust ratios go to ``positions`` of ``trust_ratios_out``."""
+    out = None if trust_ratios_out is None else [None] * len(params)
+    _single_tensor(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt, out, **kwargs)
+    for position, ratio in zip(positions, out or []):
+        trust_ratios_out[position] = ratio
+
+
 def _numba(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adapt, trust_ratios_out, positions,
-           foreach, *, lr, beta1, beta2, weight_decay) -> None:
+           *, lr, beta1, beta2, weight_decay) -> None:
     # One CPU float32/float64 bucket: the moments and both norms of every tensor in one compiled call, the
     # trust ratios in one expression, then the steps in a second call.
     kernels = cpu_kernels.require()
@@ -174,7 +178,7 @@ def _numba(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adap
     nu_addresses = cpu_kernels.addresses([exp_avg_sqs[i] for i in served])
     eps = scalars([eps_scaled[i] for i in served])
     decays = scalars([weight_decay / scales[i] if decay[i] else 0.0 for i in served])
-    w_sums, u_sums = scalars([0.0] * len(served)), scalars([0.0] * len(served))
+    w_sums, u_sums = (np.zeros(len(served), dtype=cpu_kernels.numpy_dtype(dtype)) for _ in range(2))
     kernels.lamb_moments(w_addresses, cpu_kernels.addresses([grads[i] for i in served]), mu_addresses, nu_addresses,
                          sizes, scalars([1 - beta1, beta2, 1 - beta2]), eps, decays, w_sums, u_sums)
     scale = torch.tensor([scales[i] for i in served], dtype=dtype, device=device)
@@ -187,12 +191,10 @@ def _numba(params, grads, exp_avgs, exp_avg_sqs, scales, eps_scaled, decay, adap
             trust_ratios_out[positions[i]] = ratio
     rest = sorted(set(range(len(params))) - set(served))
     if rest:  # tensors laid out differently from their gradient or moments: the single-tensor rule
-        out = None if trust_ratios_out is None else [None] * len(rest)
         pick = lambda seq: [seq[i] for i in rest]  # noqa: E731 - local selector
-        _single_tensor(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales), pick(eps_scaled),
-                       pick(decay), pick(adapt), out, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
-        for i, ratio in zip(rest, out or []):
-            trust_ratios_out[positions[i]] = ratio
+        _single_tensor_at(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(scales),
+                          pick(eps_scaled), pick(decay), pick(adapt), trust_ratios_out, pick(positions),
+                          lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
 
 
 def _scratch(workspace: dict | None, like: list[torch.Tensor]) -> list[torch.Tensor]:

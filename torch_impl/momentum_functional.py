@@ -212,7 +212,7 @@ def _momentum_update(params, grads, velocities, decay, velocity_corrections, ada
             local_rates_out, bucket,
         )
         if fused == cpu_kernels.NUMBA and cpu_kernels.serves(params[bucket[0]]):
-            _numba(*args, None if weight_norms is None else pick(weight_norms), foreach=foreach, **kwargs)
+            _numba(*args, None if weight_norms is None else pick(weight_norms), **kwargs)
         elif fused and _fused_kernel_serves(params[bucket[0]], nesterov):
             _fused(*args, foreach=foreach, **kwargs)
         elif foreach:
@@ -266,7 +266,7 @@ def _rates_as_floats(params, decay, adapt, grad_norms, weight_norms, local_rates
 
 
 def _numba(params, grads, velocities, decay, corrections, adapt, grad_norms, local_rates_out, positions, weight_norms,
-           *, foreach, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
+           *, lr, momentum, weight_decay, nesterov, trust_coefficient, eps, clip) -> None:
     # One CPU float32/float64 bucket: rates first (as on the fused path), then one compiled call for all tensors.
     kernels = cpu_kernels.require()
     rates = _rates_as_floats(params, decay, adapt, grad_norms, weight_norms, local_rates_out, positions, lr=lr,
