@@ -142,6 +142,30 @@ def test_sums_do_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(pool, inline().numpy())
 
 
+@pytest.mark.parametrize("with_weights", [True, False], ids=["g_and_w", "g_only"])
+@pytest.mark.parametrize("size", [4 * 8192, 5 * 8192 + 100])
+def test_a_tensors_sums_are_its_blocks_sums_in_block_order(size, with_weights):
+    """The stats op reads two blocks at a time where it can: each block still sums exactly as on its own.
+
+    float64, so the op's result is its per-block sums added in block order
+    with no rounding to the tensor's dtype: the same bits as the op run on
+    each block as a tensor of its own, added here in the same order.
+    """
+    rng = np.random.default_rng(11)
+    # Magnitudes over 12 decades: any change in the order of additions changes the bits.
+    g, w = (rng.normal(size=size) * 10.0 ** rng.uniform(-6, 6, size) for _ in range(2))
+    whole = fused_kernels.tensor_stats([tf.constant(g)], [tf.Variable(w)] if with_weights else None).numpy()[0]
+    starts = range(0, size, 8192)
+    blocks = fused_kernels.tensor_stats(
+        [tf.constant(g[b:b + 8192]) for b in starts],
+        [tf.Variable(w[b:b + 8192]) for b in starts] if with_weights else None,
+    ).numpy()
+    expected = [0.0, 0.0, 0.0]
+    for row in blocks:
+        expected = [total + value for total, value in zip(expected, row)]
+    np.testing.assert_array_equal(whole, expected)
+
+
 def test_lars_takes_the_native_path_on_cpu():
     w = tf.Variable(np.ones((4, 4), np.float32))
     optimizer = LARS(learning_rate=0.1, fused="native")
