@@ -27,12 +27,14 @@ way.) An optimizer's floor is its pass count times that:
 
 It prints each optimizer's time, floor and ratio, and the package's LARS
 against ``torch.optim.SGD(momentum=0.9, weight_decay=1e-4)`` on each of
-torch's paths (foreach, for-loop, fused). Each package optimizer runs on
-its default path (``fused`` where torch's fused SGD kernel computes its
-rule, else ``foreach``; LAMB has no torch kernel), on the other paths, and
-with ``fused="numba"`` (compiled single-pass loops, ``torch_impl/cpu_kernels.py``;
+torch's paths (foreach, for-loop, fused). Each package optimizer runs with
+``fused=True`` (torch's fused SGD kernel where it computes the rule, else
+``foreach``; LAMB has no torch kernel), on the other torch paths, and with
+``fused="numba"`` (compiled single-pass loops, ``torch_impl/cpu_kernels.py``;
 its first step's wall time, which compiles the loops or loads them from
-numba's disk cache, is printed apart as its warm-up).
+numba's disk cache, is printed apart as its warm-up). The default,
+``fused=None``, is the numba loops with one intra-op thread and
+``fused=True`` with more; the header says which the run's threads pick.
 
 Part 2 times one training step (forward, backward, optimizer step) of a small
 1-D CNN with BatchNorm at batch 128 with LARS, and with CLARS measuring
@@ -261,19 +263,19 @@ def optimizer_factories() -> dict[str, tuple[int, object]]:
         "torch SGD fused": (5, lambda p: torch.optim.SGD(plain(p), **torch_sgd, fused=True)),
         "torch AdamW foreach": (7, lambda p: torch.optim.AdamW(plain(p), lr=1e-3, weight_decay=0.01, foreach=True)),
         "torch AdamW fused": (7, lambda p: torch.optim.AdamW(plain(p), lr=1e-3, weight_decay=0.01, fused=True)),
-        "SGD": (6, lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+        "SGD fused": (6, lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)),
         "SGD foreach": (6, lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=False)),
-        "LARS": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+        "LARS fused": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)),
         "LARS foreach": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=False)),
         "LARS single-tensor": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=False,
                                                  foreach=False)),
-        "LARC": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, clip=True)),
+        "LARC fused": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, clip=True, fused=True)),
         "SGD numba": (6, lambda p: SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused="numba")),
         "LARS numba": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, fused="numba")),
         "LARC numba": (7, lambda p: LARS(p, lr=0.1, momentum=0.9, weight_decay=1e-4, clip=True, fused="numba")),
-        "LAMB": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01)),
+        "LAMB foreach": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, fused=True)),
         "LAMB numba": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, fused="numba")),
-        "LAMB single-tensor": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, foreach=False)),
+        "LAMB single-tensor": (11, lambda p: LAMB(p, lr=1e-3, weight_decay=0.01, foreach=False, fused=False)),
     }
 
 
@@ -372,13 +374,16 @@ def main() -> None:
     for name, (passes, _) in optimizer_factories().items():
         floors[name] = times[name] / (passes * one_pass)
         print(f"{name:<22} {times[name] * 1e3:9.2f} {passes:7d} {passes * one_pass * 1e3:9.2f} {floors[name]:7.2f}")
-    for path, suffix in (("default path", ""), ('fused="numba"', " numba")):
-        print(f"targets, {path}: SGD {floors['SGD' + suffix]:.2f}x its floor (<= 1.25), "
-              f"LARS {floors['LARS' + suffix]:.2f}x (<= 1.25), LARC {floors['LARC' + suffix]:.2f}x (<= 1.25), "
-              f"LAMB {floors['LAMB' + suffix]:.2f}x (<= 1.3)")
+    default = "numba" if args.threads == 1 else "fused=True"
+    for path, rows in (("fused=True", ("SGD fused", "LARS fused", "LARC fused", "LAMB foreach")),
+                       ('fused="numba"', ("SGD numba", "LARS numba", "LARC numba", "LAMB numba"))):
+        sgd, lars, larc, lamb = (floors[row] for row in rows)
+        print(f"targets, {path}{' (the default at this thread count)' if default in path else ''}: "
+              f"SGD {sgd:.2f}x its floor (<= 1.25), LARS {lars:.2f}x (<= 1.25), LARC {larc:.2f}x (<= 1.25), "
+              f"LAMB {lamb:.2f}x (<= 1.3)")
     print('warm-up (first step, wall time; fused="numba" compiles its loops or loads them from the disk cache): '
           + ", ".join(f"{name} {first_steps[name]:.2f} s" for name in optimizer_factories() if "numba" in name))
-    for lars in ("LARS", "LARS numba"):
+    for lars in ("LARS fused", "LARS numba"):
         print(f"{lars} / torch SGD: " + ", ".join(
             f"{path} {times[lars] / times['torch SGD ' + path]:.2f}" for path in ("foreach", "for-loop", "fused")
         ) + " (target: below 1 against foreach)")

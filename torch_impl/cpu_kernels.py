@@ -28,15 +28,19 @@ Served: CPU tensors of dtype float32 or float64 whose state is laid out
 alike (contiguous). Any other tensor takes the path ``fused=True`` takes.
 The loops are single-threaded, for runs with one intra-op thread per process
 (as ``horovodrun`` with one process per core); with several threads torch's
-own kernels may be faster. numba is optional: ``pip install numba`` (pinned
+own kernels can use the other cores. So ``fused=None`` (the default) takes
+them when numba imports, torch runs one intra-op thread and the group holds
+a CPU tensor (:func:`default_on`); ``fused="numba"`` asks for them in any
+case, ``fused=True`` never. numba is optional: ``pip install numba`` (pinned
 in ``requirements.txt``). The first call per dtype compiles for a few
 seconds; the machine code is cached on disk, so later processes load it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 import numpy as np
@@ -44,7 +48,7 @@ import torch
 
 from hvd_largebatch.torch_impl.tensor_lists import tensor_norms
 
-__all__ = ["NUMBA", "require", "serves", "numpy_dtype", "table", "addresses", "grad_norms", "weight_and_grad_norms"]
+__all__ = ["NUMBA", "require", "default_on", "serves", "numpy_dtype", "table", "addresses", "grad_norms", "weight_and_grad_norms"]
 
 #: The value of the optimizers' ``fused`` switch that selects these loops.
 NUMBA = "numba"
@@ -61,6 +65,26 @@ def require() -> ModuleType:
             f"fused='numba' needs the numba package (pip install numba; requirements.txt pins the tested "
             f"version); pass fused=True for torch's kernels instead ({error})"
         ) from error
+
+
+@functools.cache
+def _importable() -> bool:
+    try:
+        require()
+    except ImportError:
+        return False
+    return True
+
+
+def default_on(params: Iterable[torch.Tensor]) -> bool:
+    """Whether ``fused=None`` takes the loops for a group of ``params``.
+
+    Yes when torch runs one intra-op thread (the loops use one core; with
+    more, torch's kernels spread a step over them), a parameter lives on the
+    CPU and numba imports (checked once per process; without it the default
+    is torch's kernels, silently).
+    """
+    return torch.get_num_threads() == 1 and any(p.is_cpu for p in params) and _importable()
 
 
 def serves(*tensors: torch.Tensor) -> bool:

@@ -50,9 +50,10 @@ class LAMB(LargeBatchOptimizer):
         weight_decay: ``beta`` (>= 0), decoupled from the moments but inside ``u``.
         exclude_from_weight_decay, exclude_from_layer_adaptation: as :class:`LARS`.
         foreach, fused, nonfinite: as :class:`~hvd_largebatch.torch_impl.optimizer_base.LargeBatchOptimizer`.
-            No torch kernel computes LAMB's rule, so ``fused`` None, True and
-            False all take the ``foreach`` path; ``fused="numba"`` runs two
-            compiled loops per tensor (moments and norms, then the step).
+            No torch kernel computes LAMB's rule, so ``fused`` True and
+            False both take the ``foreach`` path; ``fused="numba"`` (and
+            None where it picks numba) runs two compiled loops per tensor
+            (moments and norms, then the step).
 
     Raises:
         ValueError: naming the argument, for any value out of range.

@@ -165,13 +165,15 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
 
     * ``foreach``: run the update as ``torch._foreach_*`` ops over cache-sized
       chunks (None, the default: yes; False: one tensor at a time).
-    * ``fused``: where torch's fused kernel computes the rule exactly (see
-      ``momentum_functional.py``), update each tensor in one pass of it
-      (None, the default: yes; False: never). ``"numba"``: on CPU float32/
-      float64 tensors, single-pass loops compiled by numba for every
-      optimizer, LAMB included, and the check's norms read two streams at a
-      time (``cpu_kernels.py``; needs numba). float64 results equal those of
-      the other paths to rounding.
+    * ``fused``: ``True``: where torch's fused kernel computes the rule
+      exactly (see ``momentum_functional.py``), update each tensor in one
+      pass of it. ``"numba"``: on CPU float32/float64 tensors, single-pass
+      loops compiled by numba for every optimizer, LAMB included, and the
+      check's norms read two streams at a time (``cpu_kernels.py``; needs
+      numba); the other tensors as ``True``. ``None`` (the default):
+      ``"numba"`` when torch runs one intra-op thread, the group holds a CPU
+      tensor and numba imports, else ``True``. ``False``: neither. float64
+      results of every path equal each other to rounding.
     * ``nonfinite``: ``"skip"`` (default) or ``"raise"`` on a NaN/Inf gradient.
 
     Every constructor raises ``ValueError`` naming the argument for a value out of range.
@@ -324,9 +326,14 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _fused(group: Mapping[str, Any]) -> bool | str:
-        """The group's fused path: True (torch's kernels where they compute its rule), False, or ``"numba"``."""
+        """The group's fused path: True (torch's kernels where they compute its rule), False, or ``"numba"``.
+
+        None resolves here, at every step: ``"numba"`` where :func:`cpu_kernels.default_on` says so, else True.
+        """
         fused = group.get("fused")
-        return True if fused is None else fused
+        if fused is None:
+            return cpu_kernels.NUMBA if cpu_kernels.default_on(group["params"]) else True
+        return fused
 
     #: Whether the trust ratio reads ``||w||`` before the update (LARS, CLARS), so the check reads it with ``||g||``.
     _reads_weight_norms_first = False

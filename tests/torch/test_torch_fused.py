@@ -1,4 +1,4 @@
-"""The fused path (torch's fused SGD kernel, the default where it applies) equals the single-tensor path in float64.
+"""``fused=True`` (torch's fused SGD kernel where it applies) equals the single-tensor path in float64.
 
 Every SGD/LARS/LARC/CLARS row of the shared table (LAMB has no fused path)
 runs 20 steps both ways; Nesterov and momentum-0 rows must not reach the
@@ -28,13 +28,13 @@ def test_fused_equals_single_tensor_with_skipped_steps(case, monkeypatch):
     calls = []
     kernel = torch._fused_sgd_
     monkeypatch.setattr(torch, "_fused_sgd_", lambda *a, **k: (calls.append(len(a[0])), kernel(*a, **k)))
-    fused = run_with_poisoned_steps(case)  # the default: fused where it applies
+    fused = run_with_poisoned_steps(case, fused=True)
     fused_calls = len(calls)
     reference = run_with_poisoned_steps(case, foreach=False, fused=False)
     assert len(calls) == fused_calls, "the reference run used the fused kernel"
     if case.hyper.get("nesterov") or case.hyper.get("momentum") == 0.0:
         assert fused_calls == 0, "Nesterov momentum and momentum 0 are not the fused kernel's rule"
     else:
-        assert fused_calls > 0, "the default path never used the fused kernel"
+        assert fused_calls > 0, "fused=True never used the fused kernel"
     worst = errors_above(fused, reference, TOLERANCE)
     assert not worst, f"fused vs single-tensor relative errors above {TOLERANCE:g}: {worst}"

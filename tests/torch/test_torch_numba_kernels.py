@@ -12,12 +12,14 @@ working copies, and still be right.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 
 import pytest
 import torch
 
-from hvd_largebatch.torch_impl import LAMB, LARS, SGD, numba_kernels
+from hvd_largebatch.torch_impl import LAMB, LARS, SGD, cpu_kernels, numba_kernels
 from optimizer_cases import CASES
 from torch_adapter import errors_above, run_with_poisoned_steps
 TOLERANCE = 1e-12
@@ -116,4 +118,44 @@ def test_missing_numba_is_named_when_the_optimizer_is_built(monkeypatch):
     monkeypatch.delitem(sys.modules, "hvd_largebatch.torch_impl.numba_kernels")
     with pytest.raises(ImportError, match=r"fused='numba' needs the numba package \(pip install numba"):
         LARS([torch.zeros(2, requires_grad=True)], fused="numba")
-    LARS([torch.zeros(2, requires_grad=True)])  # the default path does not need numba
+    # the default path does not need numba: without it, one thread takes torch's kernels, silently
+    monkeypatch.setattr(cpu_kernels, "_importable", functools.cache(cpu_kernels._importable.__wrapped__))
+    with intra_op_threads(1):
+        assert _default_path_steps(LARS, lr=0.1, momentum=0.9) == 2
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """torch's intra-op thread count set to ``count`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _default_path_steps(optimizer_type, **hyper) -> int:
+    """Runs two steps of ``optimizer_type`` on the default ``fused``; returns how many were taken."""
+    w = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    opt = optimizer_type([w], **hyper)
+    for _ in range(2):
+        w.grad = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+        opt.step()
+    assert not torch.equal(w.detach(), torch.ones(5, dtype=torch.float64))
+    return 2 - opt.skipped_steps
+
+
+@pytest.mark.parametrize("optimizer_type, hyper, loop", [
+    (SGD, dict(lr=0.1, momentum=0.9), "momentum_steps"),
+    (LARS, dict(lr=0.1, momentum=0.9, nesterov=True), "nesterov_steps"),
+    (LAMB, dict(lr=0.01), "lamb_apply"),
+])
+def test_default_takes_the_loops_on_one_thread_only(optimizer_type, hyper, loop, loop_calls):
+    """``fused=None`` runs the compiled loops with one intra-op thread and torch's kernels with two."""
+    with intra_op_threads(2):
+        _default_path_steps(optimizer_type, **hyper)
+    assert not any(loop_calls.values()), "two threads took the compiled loops"
+    with intra_op_threads(1):
+        _default_path_steps(optimizer_type, **hyper)
+    assert loop_calls[loop] == 2
