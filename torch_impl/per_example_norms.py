@@ -243,13 +243,11 @@ def _ghost_or_reference_norms(model, loss_fn, inputs, targets, params, names, ch
             outputs = functional_call(model, buffer_copies, (inputs,))
         else:
             outputs = model(inputs)
-    objective = _sum_of_example_losses(loss_fn, outputs, targets)
-    grads = recorder.output_gradients(objective, retain_graph=training is not None)
-    if training is not None:
+    if training is not None:  # the training backward first, so the per-example one may free the graph as it goes
         loss = loss_fn(outputs, targets)
-        loss.backward()
+        loss.backward(retain_graph=True)
         training[0] = loss.detach()
-    squared = recorder.squared_norms(grads)
+    squared = recorder.squared_norms(_sum_of_example_losses(loss_fn, outputs, targets))
     batch = inputs.shape[0]
     measured = [index for index, p in enumerate(params) if id(p) in squared]
     rest = [index for index, p in enumerate(params) if id(p) not in squared]

@@ -25,6 +25,29 @@ class _TwiceUsed(nn.Module):
         return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
+class _TwoBranches(nn.Module):
+    """Two rule layers read the input side by side (two first outputs), a third is computed but unused (norms 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Linear(5, 4)
+        self.right = nn.Conv1d(1, 2, 3, padding=1)
+        self.unused = nn.Linear(5, 2)
+        self.head = nn.Linear(4 + 2 * 5, 3)
+
+    def forward(self, x):
+        self.unused(x)
+        both = torch.cat([torch.tanh(self.left(x)), torch.relu(self.right(x.unsqueeze(1))).flatten(1)], 1)
+        return self.head(both)
+
+
+def _frozen_first_layer():
+    """A first layer with frozen parameters: its output needs no gradient, so the reference path measures it."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    model[0].requires_grad_(False)
+    return model
+
+
 class _OwnBatchNorm(nn.BatchNorm1d):
     """A BatchNorm with its own forward: the recorder cannot cut its coupling, so everything falls back."""
 
@@ -61,6 +84,14 @@ MODELS = [
     ("conv2d-gram-bn", lambda: nn.Sequential(
         nn.Conv2d(6, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 12, 2, groups=2, bias=False), nn.Flatten(), nn.Linear(12, 3)), (6, 4, 4)),
+    # in-place ReLU after BatchNorm and convolution: the outputs are hooked before they are overwritten
+    ("conv2d-bn-inplace-relu", lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2, bias=False), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 3 * 4, 3)), (2, 8, 9)),
+    ("linear-bn-inplace-relu", lambda: nn.Sequential(
+        nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(inplace=True), nn.Linear(7, 3)), (5,)),
+    ("two-branches-and-an-unused-layer", _TwoBranches, (5,)),
+    ("frozen-first-layer-falls-back", _frozen_first_layer, (5,)),
     ("bn-eval-and-no-running-stats", lambda: nn.Sequential(
         nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4).eval(), nn.ReLU(), nn.Conv1d(4, 4, 3),
         nn.BatchNorm1d(4, track_running_stats=False), nn.Flatten(), nn.Linear(4 * 4, 3)), (2, 8)),
@@ -180,3 +211,21 @@ def test_bad_method_is_refused():
     model, x, y = _model_and_batch(MODELS[0][1], (5,))
     with pytest.raises(ValueError, match=r"method must be one of 'auto', 'vmap'; got 'ghost'"):
         per_example_grad_norm_sums(model, F.cross_entropy, x, y, list(model.parameters()), method="ghost")
+
+
+def test_the_per_example_backward_asks_autograd_only_for_the_first_outputs():
+    from hvd_largebatch.torch_impl.ghost_norms import _first_outputs
+
+    model, x, y = _model_and_batch(_TwoBranches, (5,))
+    with GhostRecorder(model, list(model.parameters())) as recorder:
+        outputs = model(x)
+    edges = {m: recorder._records[m][0][1] for m in recorder._measured_modules()}
+    assert {e.node for e in _first_outputs(list(edges.values()))} == {
+        edges[model.left].node, edges[model.right].node, edges[model.unused].node}
+    squared = recorder.squared_norms(F.cross_entropy(outputs, y, reduction="sum"))
+    assert torch.equal(squared[id(model.unused.weight)], torch.zeros(len(x), dtype=torch.float64))
+    assert squared[id(model.head.weight)].gt(0).all()
+    model, x, _ = _model_and_batch(_frozen_first_layer, (5,))
+    with GhostRecorder(model, list(model.parameters())) as recorder:
+        model(x)
+    assert [id(p) for p in recorder.unsupported()] == [id(model[0].weight), id(model[0].bias)]
