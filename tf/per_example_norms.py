@@ -121,8 +121,7 @@ def exact_norm_sums_by_rules(
             y_pred = model(x, training=False)
         one = lambda example: loss_of_outputs(example[0][None], example[1][None])  # noqa: E731
         objective = tf.reduce_sum(tf.vectorized_map(one, (y, y_pred)))
-    outputs = recorder.outputs()
-    squared = recorder.squared_norms(tape.gradient(objective, outputs) if outputs else [])
+    squared = recorder.squared_norms(recorder.output_gradients(tape, objective))
     rest = recorder.unsupported()
     rest_sums = {}
     if rest:

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from hvd_largebatch.tf import CLARS, CLARSModel
 from hvd_largebatch.tf.ghost_norms import (
-    GhostRecorder, conv_norm_form, only_batch_norm_depends_on_training, uses_filter_gradient,
+    GhostRecorder, conv_norm_form, only_batch_norm_depends_on_training, transposes_by_forward_convolution,
+    uses_filter_gradient,
 )
 from hvd_largebatch.tf.per_example_norms import exact_norm_sums, exact_norm_sums_by_rules
 
@@ -47,6 +48,12 @@ MODELS = [
     ("conv2d-strided-same-and-1x1", (7, 7, 3), lambda: [
         L.Conv2D(5, 3, strides=2, padding="same"), _bn("bn1"), L.Activation("relu"),
         L.Conv2D(6, 1, strides=2, activation="tanh"), L.Flatten()]),
+    # stride-1 Conv2D layers above measured ones: the per-example backward transposes them by forward
+    # convolutions (odd "same", even "same" with its uneven padding, 1x1 "valid")
+    ("conv2d-stride-1-transposed", (6, 6, 3), lambda: [
+        L.Conv2D(4, 3, padding="same"), _bn("bn1"), L.Activation("relu"),
+        L.Conv2D(5, 3, padding="same", use_bias=False), _bn("bn2"), L.Activation("relu"),
+        L.Conv2D(4, 2, padding="same", activation="tanh"), L.Conv2D(3, 1, activation="tanh"), L.Flatten()]),
     # one BatchNorm layer called twice (its variables fall back; CLARSModel measures all in a separate pass)
     ("bn-called-twice", (5,), lambda: (lambda bn: [
         L.Dense(7), bn, L.Activation("relu"), L.Dense(7), bn, L.Activation("relu")])(_bn("bn1"))),
@@ -108,7 +115,7 @@ def test_ghost_norms_equal_the_vectorized_map_reference(float64, name, shape, la
         reference, _ = (tf.function(_reference) if graph else _reference)(model, x, y)
         np.testing.assert_allclose(ghost.numpy(), reference.numpy(), rtol=1e-10, atol=1e-12)
     for layer in model.layers:  # the recorder leaves no wrapper behind
-        assert "call" not in layer.__dict__ and "_hvd_largebatch_activation" not in layer.__dict__
+        assert not {"call", "convolution_op", "_moments", "_hvd_largebatch_activation"} & set(layer.__dict__)
 
 
 def test_the_model_rows_cover_every_2d_convolution_form():
@@ -122,6 +129,17 @@ def test_the_model_rows_cover_every_2d_convolution_form():
                 form = (conv_norm_form(layer, positions), uses_filter_gradient(layer, positions))
                 forms.setdefault(form, []).append(f"{name}/{layer.name}")
     assert {("gram", False), ("product", True), ("product", False)} <= set(forms), forms
+
+
+def test_the_model_rows_transpose_every_kind_of_stride_1_convolution():
+    """Rows with a Conv2D that the per-example backward transposes by a forward convolution, for each padding."""
+    kinds = set()
+    for name, shape, layers in MODELS:
+        model, _, _ = _model_and_batch(shape, layers, n=2)
+        for layer in model.layers:
+            if transposes_by_forward_convolution(layer) and layer.input is not model.inputs[0]:
+                kinds.add((layer.padding, "odd" if layer.kernel_size[0] % 2 else "even"))
+    assert {("same", "odd"), ("same", "even"), ("valid", "odd"), ("valid", "even")} <= kinds, kinds
 
 
 def test_the_recorder_measures_rule_layers_and_names_the_rest(float64):
