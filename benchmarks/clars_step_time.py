@@ -146,6 +146,83 @@ def time_torch(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
     return results
 
 
+def profile_torch(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Where a fused CLARS step's time goes, piece by piece, next to LARS's pieces (``--profile``).
+
+    The pieces of ``CLARS.forward_backward`` are run one by one through the
+    ghost-norm recorder, as the package runs them: the recording forward, the
+    training backward, the per-example backward with statistics held
+    constant (split into the norm rules, which run in hooks on the layer
+    outputs, and the rest: the activation-only backward itself), the
+    optimizer step; each a median of process CPU time, the two optimizers'
+    steps alternating.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from hvd_largebatch.torch_impl import CLARS, LARS, ghost_norms
+
+    clock = time.process_time
+    rules = [0.0]
+    measure = ghost_norms.GhostRecorder._on_output_gradient
+
+    def timed_rule(recorder, module, grad):
+        start = clock()
+        measure(recorder, module, grad)
+        rules[0] += clock() - start
+
+    results = {}
+    for network, (build, x, y) in torch_networks().items():
+        torch.manual_seed(0)
+        lars_model, clars_model = build(), build()
+        clars_model.load_state_dict(lars_model.state_dict())
+        lars = LARS(lars_model.named_parameters(), lr=0.1)
+        clars = CLARS(clars_model.named_parameters(), lr=0.1)
+        params = [p for group in clars.param_groups for p in group["params"]]
+        samples: dict[str, list[float]] = {}
+        ghost_norms.GhostRecorder._on_output_gradient = timed_rule
+        try:
+            for round_index in range(warmup + rounds):
+                marks = [clock()]
+                lars.zero_grad()
+                loss = F.cross_entropy(lars_model(x), y)
+                marks.append(clock())
+                loss.backward()
+                marks.append(clock())
+                lars.step()
+                marks.append(clock())
+                clars.zero_grad()
+                recorder = ghost_norms.GhostRecorder(clars_model, params)
+                with recorder:
+                    outputs = clars_model(x)
+                marks.append(clock())
+                F.cross_entropy(outputs, y).backward(retain_graph=True)
+                marks.append(clock())
+                rules[0] = 0.0
+                squared = recorder.squared_norms(F.cross_entropy(outputs, y, reduction="sum"))
+                sums = torch.stack([squared[id(p)] for p in params], 1).sqrt_().to(torch.float64).sum(0)
+                marks.append(clock())
+                clars.set_grad_norms(dict(zip(params, sums / x.shape[0])))
+                clars.step()
+                marks.append(clock())
+                if round_index < warmup:
+                    continue
+                d = [b - a for a, b in zip(marks, marks[1:])]
+                pieces = {
+                    "LARS forward": d[0], "LARS backward": d[1], "LARS step": d[2], "LARS total": d[0] + d[1] + d[2],
+                    "CLARS forward, recording": d[3], "CLARS training backward": d[4],
+                    "CLARS per-example backward, without the rules": d[5] - rules[0],
+                    "CLARS norm rules (in the output hooks)": rules[0], "CLARS step": d[6],
+                    "CLARS total": d[3] + d[4] + d[5] + d[6],
+                }
+                for name, value in pieces.items():
+                    samples.setdefault(name, []).append(value)
+        finally:
+            ghost_norms.GhostRecorder._on_output_gradient = measure
+        results[network] = {name: statistics.median(values) for name, values in samples.items()}
+    return results
+
+
 # ------------------------------------------------------------------- Keras
 def keras_networks():
     import keras
@@ -244,6 +321,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per setup first (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--frameworks", default="torch,keras", help="comma-separated: torch, keras")
+    parser.add_argument("--profile", action="store_true",
+                        help="PyTorch only: where a fused CLARS step's time goes, piece by piece, next to LARS's pieces")
     parser.add_argument("--bench-batch", type=int, default=BENCH_BATCH,
                         help=f"batch of the bench CNN (default {BENCH_BATCH}; the bench study's cells use 64-4096)")
     args = parser.parse_args()
@@ -255,7 +334,14 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print_table("PyTorch", "process CPU time", time_torch(args.rounds, args.warmup))
+        if args.profile:
+            for network, times in profile_torch(args.rounds, args.warmup).items():
+                base = times["LARS total"]
+                print(f"PyTorch, {network}: median ms per piece (process CPU time), share of a LARS step")
+                for name, seconds in times.items():
+                    print(f"  {name:<50} {seconds * 1e3:9.2f} {seconds / base:7.2f}x")
+        else:
+            print_table("PyTorch", "process CPU time", time_torch(args.rounds, args.warmup))
     if "keras" in frameworks:
         print_table("Keras", "wall time", time_keras(args.rounds, args.warmup, args.threads))
 

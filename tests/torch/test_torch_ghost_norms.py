@@ -91,6 +91,13 @@ MODELS = [
     ("linear-bn-inplace-relu", lambda: nn.Sequential(
         nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(inplace=True), nn.Linear(7, 3)), (5,)),
     ("two-branches-and-an-unused-layer", _TwoBranches, (5,)),
+    # pointwise kernels take the input itself as patches: strided and grouped, with and without bias, 1-D and 2-D
+    ("conv2d-pointwise-bn", lambda: nn.Sequential(
+        nn.Conv2d(4, 6, 1, stride=2, groups=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 5, 1, padding="same"), nn.Flatten(), nn.Linear(5 * 3 * 3, 3)), (4, 5, 6)),
+    ("conv1d-pointwise", lambda: nn.Sequential(
+        nn.Conv1d(3, 4, 1, stride=3), nn.Tanh(), nn.Conv1d(4, 4, 1, groups=2, bias=False), nn.Flatten(),
+        nn.Linear(4 * 3, 3)), (3, 7)),
     ("frozen-first-layer-falls-back", _frozen_first_layer, (5,)),
     ("bn-eval-and-no-running-stats", lambda: nn.Sequential(
         nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4).eval(), nn.ReLU(), nn.Conv1d(4, 4, 3),
@@ -229,3 +236,20 @@ def test_the_per_example_backward_asks_autograd_only_for_the_first_outputs():
     with GhostRecorder(model, list(model.parameters())) as recorder:
         model(x)
     assert [id(p) for p in recorder.unsupported()] == [id(model[0].weight), id(model[0].bias)]
+
+
+def test_the_models_cover_pointwise_kernels_in_one_and_two_dimensions():
+    from hvd_largebatch.torch_impl.ghost_norms import _conv_input_and_padding, _is_pointwise
+
+    dims = set()
+    for _, build, shape in MODELS:
+        model, x, _ = _model_and_batch(build, shape)
+        hooks = [
+            m.register_forward_hook(
+                lambda m, args, out: dims.add(out.dim() - 2) if _is_pointwise(m, _conv_input_and_padding(m, args[0])[1]) else None)
+            for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))
+        ]
+        model(x)
+        for hook in hooks:
+            hook.remove()
+    assert dims == {1, 2}
