@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/clars_step_time.py [--rounds 15] [--threads 1] [--frameworks torch,keras]
+    .venv/bin/python benchmarks/clars_step_time.py --frameworks torch --profile   # PyTorch, piece by piece
 
 Two networks, the same in both frameworks:
 

@@ -32,9 +32,16 @@ switch: in the training backward it returns the ordinary BatchNorm gradient
 (torch's own backward kernel), in the per-example backward the gradient with
 the statistics held constant, ``grad_x = grad_y * gamma / sigma``.
 
-Layers without a rule, layers called more than once per forward pass and
-parameters shared between layers are reported by :meth:`GhostRecorder.unsupported`;
-the caller measures those with the ``vmap`` reference path.
+The per-example backward computes each layer's norms in a hook on the
+layer's output as soon as autograd reaches it, so its output gradients are
+never held together; the output's gradient edge and hook are taken when the
+layer runs, so an in-place operation downstream (``ReLU(inplace=True)``)
+does not change which gradient they see.
+
+Layers without a rule, layers called more than once per forward pass, layers
+whose output needs no gradient and parameters shared between layers are
+reported by :meth:`GhostRecorder.unsupported`; the caller measures those with
+the ``vmap`` reference path.
 """
 
 from __future__ import annotations
