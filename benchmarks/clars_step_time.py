@@ -153,8 +153,8 @@ def profile_torch(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
     The pieces of ``CLARS.forward_backward`` are run one by one through the
     ghost-norm recorder, as the package runs them: the recording forward, the
     training backward, the per-example backward with statistics held
-    constant (split into the norm rules, which run in hooks on the layer
-    outputs, and the rest: the activation-only backward itself), the
+    constant (split into the norm rules, which run in hooks on the autograd
+    nodes of the layer outputs, and the rest: the activation-only backward itself), the
     optimizer step; each a median of process CPU time, the two optimizers'
     steps alternating.
     """
@@ -165,11 +165,11 @@ def profile_torch(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
 
     clock = time.process_time
     rules = [0.0]
-    measure = ghost_norms.GhostRecorder._on_output_gradient
+    measure = ghost_norms.GhostRecorder._measure
 
-    def timed_rule(recorder, module, grad):
+    def timed_rule(recorder, module, grad, result):
         start = clock()
-        measure(recorder, module, grad)
+        measure(recorder, module, grad, result)
         rules[0] += clock() - start
 
     results = {}
@@ -181,7 +181,7 @@ def profile_torch(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
         clars = CLARS(clars_model.named_parameters(), lr=0.1)
         params = [p for group in clars.param_groups for p in group["params"]]
         samples: dict[str, list[float]] = {}
-        ghost_norms.GhostRecorder._on_output_gradient = timed_rule
+        ghost_norms.GhostRecorder._measure = timed_rule
         try:
             for round_index in range(warmup + rounds):
                 marks = [clock()]
@@ -219,7 +219,7 @@ def profile_torch(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
                 for name, value in pieces.items():
                     samples.setdefault(name, []).append(value)
         finally:
-            ghost_norms.GhostRecorder._on_output_gradient = measure
+            ghost_norms.GhostRecorder._measure = measure
         results[network] = {name: statistics.median(values) for name, values in samples.items()}
     return results
 

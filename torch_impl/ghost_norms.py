@@ -33,10 +33,10 @@ switch: in the training backward it returns the ordinary BatchNorm gradient
 the statistics held constant, ``grad_x = grad_y * gamma / sigma``.
 
 The per-example backward computes each layer's norms in a hook on the
-layer's output as soon as autograd reaches it, so its output gradients are
-never held together; the output's gradient edge and hook are taken when the
+autograd node that made the layer's output as soon as autograd reaches it,
+so the output gradients are never held together; that node is noted when the
 layer runs, so an in-place operation downstream (``ReLU(inplace=True)``)
-does not change which gradient they see.
+does not change which gradient it sees.
 
 Layers without a rule, layers called more than once per forward pass, layers
 whose output needs no gradient and parameters shared between layers are
@@ -46,7 +46,6 @@ the ``vmap`` reference path.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -158,16 +157,12 @@ class GhostRecorder:
         # module -> [(activation, gradient edge of the output)] per call
         self._records: dict[nn.Module, list[tuple]] = {}
         self._handles: list = []
-        self._gradient_hooks: list = []
-        self._sink: dict[int, torch.Tensor] | None = None
-        self._sink_modules: set[nn.Module] = set()
         self._batch = 0
         self._coupled_by_opaque_norm = False
 
     # ------------------------------------------------------------- recording
     def __enter__(self) -> GhostRecorder:
         self._records = {}
-        self._remove_gradient_hooks()
         self._coupled_by_opaque_norm = False
         measured = set(map(id, self._modules))
         for module in self._modules:
@@ -194,22 +189,20 @@ class GhostRecorder:
         self._record(module, args[0].detach(), output)
 
     def _record(self, module: nn.Module, activation, output: torch.Tensor) -> None:
-        """Keeps the layer's activation and its output's gradient edge, and hooks the output's gradient.
+        """Keeps the layer's activation and its output's gradient edge.
 
-        Both are taken now, before anything downstream (an in-place ReLU)
-        may modify the output in place: the edge and the hook then stand for
-        the output as the layer produced it.
+        The edge (the autograd node that made the output, and which of its
+        outputs it is) is taken now, before anything downstream (an in-place
+        ReLU) may modify the output in place, so it stands for the output as
+        the layer produced it.
         """
         self._batch = output.shape[0]
-        if not output.requires_grad:  # no gradient edge to hook: the reference path measures it
-            self._records.setdefault(module, []).append((activation, None))
-            return
-        self._records.setdefault(module, []).append((activation, get_gradient_edge(output)))
-        self._gradient_hooks.append(output.register_hook(functools.partial(self._on_output_gradient, module)))
+        edge = get_gradient_edge(output) if output.requires_grad else None  # None: the reference path measures it
+        self._records.setdefault(module, []).append((activation, edge))
 
-    def _on_output_gradient(self, module: nn.Module, grad: torch.Tensor) -> None:
-        """In the per-example backward of :meth:`squared_norms`, turns a measured layer's output gradient into its norms."""
-        if self._sink is None or self.switch.coupled or module not in self._sink_modules:
+    def _measure(self, module: nn.Module, grad: torch.Tensor | None, result: dict[int, torch.Tensor]) -> None:
+        """Turns a measured layer's output gradient into the squared norms of its parameters, into ``result``."""
+        if grad is None:  # no gradient reaches the layer: norms 0 (filled in by the caller)
             return
         activation = self._records[module][0][0]
         if isinstance(module, nn.Linear):
@@ -220,12 +213,13 @@ class GhostRecorder:
             weight, bias = _norm_squared_norms(module, *activation, grad)
         for p, value in ((module.weight, weight), (module.bias, bias)):
             if p is not None and id(p) in self._wanted and id(p) not in self._unsupported:
-                self._sink[id(p)] = value
+                result[id(p)] = value
 
-    def _remove_gradient_hooks(self) -> None:
-        for handle in self._gradient_hooks:
-            handle.remove()
-        self._gradient_hooks = []
+    def _node_hook(self, module: nn.Module, output_nr: int, result: dict[int, torch.Tensor]):
+        def measure(grad_outputs: tuple) -> None:
+            self._measure(module, grad_outputs[output_nr], result)
+
+        return measure
 
     def _switched_forward(self, module: nn.Module, measured: bool):
         """``module.forward`` for the recording pass: torch's BatchNorm forward, switched (module docstring)."""
@@ -276,28 +270,37 @@ class GhostRecorder:
     def squared_norms(self, objective: torch.Tensor, retain_graph: bool = False) -> dict[int, torch.Tensor]:
         """``{id(param): (B,) squared per-example gradient norms}``: one backward of ``objective``, statistics constant.
 
-        The gradient at each measured layer's output is turned into that
-        layer's norms by a hook on the output as soon as autograd computes it,
-        and then dropped; autograd is asked only for the outputs that no other
-        measured output lies upstream of (:func:`_first_outputs`), and passes
-        all the others on its way there. So no set of output gradients is ever
-        held at once (holding them cost the ResNet-style benchmark some 8,000
-        freshly mapped pages, 30 MB, per step). A layer whose output gets no
-        gradient from ``objective`` has norms 0. The output hooks are removed
-        afterwards: call this once per recording.
+        Autograd is asked only for the gradients at the outputs that no other
+        measured output lies upstream of (:func:`_first_outputs`); it passes
+        all the others on its way there, and a hook on the node that made each
+        of them turns the gradient the node receives into that layer's norms
+        before the node runs. So no set of output gradients is ever held at
+        once (holding them cost the ResNet-style benchmark some 8,000 freshly
+        mapped pages, 30 MB, per step), and nothing runs in the training
+        backward. A layer whose output gets no gradient from ``objective``
+        has norms 0.
         """
         modules = self._measured_modules()
         result: dict[int, torch.Tensor] = {}
         if modules:
-            self._sink, self._sink_modules = result, set(modules)
+            edges = [self._records[m][0][1] for m in modules]
+            first = _first_outputs(edges)
+            first_nodes = {edge.node for edge in first}
+            handles = [
+                edge.node.register_prehook(self._node_hook(m, edge.output_nr, result))
+                for m, edge in zip(modules, edges) if edge.node not in first_nodes
+            ]
             self.switch.coupled = False
             try:
-                edges = [self._records[m][0][1] for m in modules]
-                torch.autograd.grad(objective, _first_outputs(edges), retain_graph=retain_graph, allow_unused=True)
+                grads = torch.autograd.grad(objective, first, retain_graph=retain_graph, allow_unused=True)
             finally:
                 self.switch.coupled = True
-                self._sink = None
-        self._remove_gradient_hooks()
+                for handle in handles:
+                    handle.remove()
+            by_edge = {(edge.node, edge.output_nr): grad for edge, grad in zip(first, grads)}
+            for module, edge in zip(modules, edges):
+                if edge.node in first_nodes:
+                    self._measure(module, by_edge[(edge.node, edge.output_nr)], result)
         for module in modules:
             for p in (module.weight, module.bias):
                 if p is not None and id(p) in self._wanted and id(p) not in self._unsupported:
