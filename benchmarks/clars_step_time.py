@@ -213,7 +213,7 @@ def profile_torch(rounds: int, warmup: int) -> dict[str, dict[str, float]]:
                     "LARS forward": d[0], "LARS backward": d[1], "LARS step": d[2], "LARS total": d[0] + d[1] + d[2],
                     "CLARS forward, recording": d[3], "CLARS training backward": d[4],
                     "CLARS per-example backward, without the rules": d[5] - rules[0],
-                    "CLARS norm rules (in the output hooks)": rules[0], "CLARS step": d[6],
+                    "CLARS norm rules (in autograd node hooks)": rules[0], "CLARS step": d[6],
                     "CLARS total": d[3] + d[4] + d[5] + d[6],
                 }
                 for name, value in pieces.items():
