@@ -59,6 +59,14 @@ __all__ = ["GhostRecorder", "conv_norm_form", "has_ghost_rule"]
 #: Upper bound on the numbers one slice of examples may hold in an intermediate of a rule.
 _SLICE_ELEMENTS = 1 << 23
 
+#: The same bound for the per-example kernels of one weight-gradient convolution (2-D products).
+#: Smaller, because what such a call allocates (the kernels and oneDNN's reordered copies) is
+#: freed at its end, and a few MB freed at once go back to the operating system, to be mapped
+#: and zeroed again by the next call: on the ResNet-style benchmark a 32->32 3x3 layer's 64
+#: examples in one call (2.4 MB of kernels) cost 7-10 ms and ~1,100-1,700 page faults per call,
+#: in two calls of 32 examples 2.7 ms and none (one thread, same process).
+_KERNEL_SLICE_ELEMENTS = 1 << 18
+
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -336,12 +344,17 @@ def _first_outputs(edges: Sequence[GradientEdge]) -> list[GradientEdge]:
     return [edge for edge in edges if not any(reaches[n] for n in inputs[edge.node])]
 
 
-def _over_slices(batch: int, per_example: int, rule) -> torch.Tensor:
-    """``rule(part)`` over slices of examples of at most ``_SLICE_ELEMENTS / per_example`` each, concatenated."""
-    step = max(1, _SLICE_ELEMENTS // max(1, per_example))
+def _over_slices(batch: int, per_example: int, rule, budget: int | None = None) -> torch.Tensor:
+    """``rule(part)`` over equal slices of examples of at most ``budget / per_example`` each, concatenated.
+
+    ``budget`` defaults to ``_SLICE_ELEMENTS``.
+    """
+    step = max(1, (_SLICE_ELEMENTS if budget is None else budget) // max(1, per_example))
     if step >= batch:
         return rule(slice(None))
-    return torch.cat([rule(slice(start, min(start + step, batch))) for start in range(0, batch, step)])
+    count = -(-batch // step)
+    bounds = [batch * i // count for i in range(count + 1)]
+    return torch.cat([rule(slice(start, end)) for start, end in zip(bounds, bounds[1:])])
 
 
 #: How many times fewer multiply-adds the Gram form must need to be taken: its ``B`` small
@@ -478,7 +491,7 @@ def _conv_squared_norms(module: nn.Module, activation: torch.Tensor, grad: torch
         )
         return torch.linalg.vector_norm(per_example_kernels.reshape(b, -1), dim=1).square()
 
-    return _over_slices(batch, module.weight.numel(), kernel_rule), bias
+    return _over_slices(batch, module.weight.numel(), kernel_rule, _KERNEL_SLICE_ELEMENTS), bias
 
 
 def _norm_squared_norms(module: nn.Module, x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,

@@ -253,3 +253,17 @@ def test_the_models_cover_pointwise_kernels_in_one_and_two_dimensions():
         for hook in hooks:
             hook.remove()
     assert dims == {1, 2}
+
+
+@pytest.mark.parametrize("name", ["conv1d-bn", "conv2d-bn", "conv2d-gram-bn", "conv2d-pointwise-bn", "linear-seq-gram"])
+def test_ghost_norms_in_slices_of_examples_equal_the_vmap_reference(name, monkeypatch):
+    from hvd_largebatch.torch_impl import ghost_norms
+
+    build, shape = next(m[1:] for m in MODELS if m[0] == name)
+    model, x, y = _model_and_batch(build, shape, batch=11)
+    params = list(model.parameters())
+    reference, _ = per_example_grad_norm_sums(model, F.cross_entropy, x, y, params, method="vmap")
+    monkeypatch.setattr(ghost_norms, "_SLICE_ELEMENTS", 1)  # one example per slice
+    monkeypatch.setattr(ghost_norms, "_KERNEL_SLICE_ELEMENTS", 4 * 4 * 3 * 3 * 4)  # 2-D kernels: slices of 3 to 6 examples
+    ghost, _ = per_example_grad_norm_sums(model, F.cross_entropy, x, y, params, method="auto")
+    torch.testing.assert_close(ghost, reference, rtol=1e-10, atol=1e-12)
