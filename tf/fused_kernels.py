@@ -11,7 +11,9 @@ system C++ compiler on first use and cached, then loaded with
 variables in place, one pass over memory per op:
 
 * :func:`tensor_stats`: ``sum(g)``, ``||g||^2`` and ``||w||^2`` of every
-  tensor in one read of ``g`` and ``w`` (LARS's norms and the non-finite check);
+  tensor in one read of ``g`` and ``w`` (LARS's norms and the non-finite check),
+  the first half of each tensor read in lockstep with its second half (one
+  core reads memory faster from four streams than from two);
 * :func:`apply_momentum_all`: ``d = g + beta*w; m = s*m - rate*d; w += m``
   (or Nesterov's ``w += mu*m - rate*d``): the rule of
   :func:`hvd_largebatch.tf.update_rules.momentum_buffer` with the decayed
