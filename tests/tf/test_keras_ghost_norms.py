@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from hvd_largebatch.tf import CLARS, CLARSModel
+from hvd_largebatch.tf import ghost_norms
 from hvd_largebatch.tf.ghost_norms import (
     GhostRecorder, conv_norm_form, only_batch_norm_depends_on_training, transposes_by_forward_convolution,
     uses_filter_gradient,
@@ -140,6 +141,39 @@ def test_the_model_rows_transpose_every_kind_of_stride_1_convolution():
             if transposes_by_forward_convolution(layer) and layer.input is not model.inputs[0]:
                 kinds.add((layer.padding, "odd" if layer.kernel_size[0] % 2 else "even"))
     assert {("same", "odd"), ("same", "even"), ("valid", "odd"), ("valid", "even")} <= kinds, kinds
+
+
+@pytest.mark.parametrize("length,size,stride,rate,padding", [
+    (40, 5, 1, 1, "SAME"), (40, 3, 2, 1, "SAME"), (19, 3, 2, 1, "SAME"), (17, 4, 3, 1, "SAME"), (16, 3, 1, 2, "VALID"),
+    (17, 4, 3, 2, "VALID"), (9, 1, 2, 1, "VALID"), (9, 2, 2, 1, "VALID"), (10, 3, 1, 3, "SAME"),
+])
+def test_1d_patches_are_tensorflows_patches(length, size, stride, rate, padding):
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, length, 2)))
+    expected = tf.image.extract_patches(
+        x[:, None], sizes=[1, 1, size, 1], strides=[1, 1, stride, 1], rates=[1, 1, rate, 1], padding=padding
+    )[:, 0]
+    got = ghost_norms._patches_1d(x, size, stride, rate, padding == "SAME", expected.shape[1])
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+
+
+def test_per_example_filter_gradients_are_the_same_unrolled_and_in_a_loop(float64):
+    """A static batch takes one call per example without a loop, a dynamic one a map_fn over padded steps."""
+    layer = L.Conv2D(3, 3, strides=2, padding="same")
+    layer.build((None, 5, 5, 2))
+    rng = np.random.default_rng(0)
+    x, g = tf.constant(rng.normal(size=(11, 5, 5, 2))), tf.constant(rng.normal(size=(11, 3, 3, 3)))
+    expected = []
+    for i in range(11):
+        kernel = tf.convert_to_tensor(layer.kernel)
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            inner = tf.reduce_sum(layer.convolution_op(x[i : i + 1], kernel) * g[i : i + 1])
+        expected.append(float(tf.reduce_sum(tf.square(tape.gradient(inner, kernel)))))
+    unrolled = ghost_norms._filter_gradient_squared_norms(layer, x, g)
+    spec = [tf.TensorSpec((None, *t.shape[1:]), tf.float64) for t in (x, g)]
+    looped = tf.function(lambda x, g: ghost_norms._filter_gradient_squared_norms(layer, x, g), input_signature=spec)(x, g)
+    np.testing.assert_allclose(unrolled.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(looped.numpy(), expected, rtol=1e-12)
 
 
 def test_the_recorder_measures_rule_layers_and_names_the_rest(float64):
